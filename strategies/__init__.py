@@ -1,0 +1,9 @@
+"""Flower server strategies (``flwr.serverapp.strategy.Strategy``) for fedsim's methods.
+
+Every strategy takes plain values in its constructor, so it can be used in any Flower app.
+"""
+
+from fedsim.strategies.fedavg import FedAvg
+from fedsim.strategies.local_only import LocalOnly
+
+__all__ = ["FedAvg", "LocalOnly"]
