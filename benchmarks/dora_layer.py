@@ -9,10 +9,11 @@ Variants: ``fedsim`` (factored norm, ``kernel="auto"``: Triton epilogues on CUDA
 ``fedsim-dense`` (norm from ``W + s·B·A``), on CUDA also ``fedsim-torch`` (factored norm, PyTorch
 epilogues), ``peft-dora`` (``LoraConfig(use_dora=True)``) and ``peft-lora`` (the floor).
 
-Set-up shared by all variants: float32 on CPU and bfloat16 on CUDA; base weight and input drawn from
-N(0, 1); adapters with non-zero ``B`` (so the norm is not trivial); dropout 0; ``x`` requires grad
-(as for a layer inside a network); the module is in training mode, so every forward recomputes the
-norm, as after each optimizer step. Times are medians over ``--repeats`` runs after one warm-up.
+Set-up shared by all variants: float32 on CPU and bfloat16 on CUDA, with base weight and input
+drawn from N(0, 1). Adapters have a non-zero ``B``, so the norm is not trivial, and dropout is 0.
+``x`` requires grad, as for a layer inside a network. Modules are in training mode, so every
+forward recomputes the norm, as after each optimizer step. Times are medians over ``--repeats``
+runs after one warm-up.
 
 Peak extra memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the level before the pass. On
 CPU, :class:`fedsim.dora.probe.AllocationProbe`, a ``TorchDispatchMode`` that counts the bytes of
@@ -95,19 +96,17 @@ def _clear_grads(module: nn.Module, x: torch.Tensor) -> None:
         parameter.grad = None
 
 
-def _time(fn: Callable[[], None], repeats: int, device: str) -> float:
+def _time_once(fn: Callable[[], None], device: str) -> float:
+    _synchronize(device)
+    start = time.perf_counter()
     fn()
     _synchronize(device)
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+    return (time.perf_counter() - start) * 1e3
 
 
-def _peak_extra_mib(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor, device: str) -> float:
+def _peak_extra_mib(
+    module: nn.Module, x: torch.Tensor, upstream: torch.Tensor, device: str
+) -> float:
     _clear_grads(module, x)
     gc.collect()
     if device == "cuda":
@@ -126,46 +125,70 @@ def _peak_extra_mib(module: nn.Module, x: torch.Tensor, upstream: torch.Tensor, 
 
 
 def run_case(
-    name: str,
-    build: Callable[[nn.Linear, int], nn.Module],
+    variants: dict[str, Callable[[nn.Linear, int], nn.Module]],
     dim: int,
     rank: int,
     tokens: int,
     dtype: torch.dtype,
     device: str,
     repeats: int,
-) -> dict:
-    """Measure one variant at one (rank, tokens) case and return a result row."""
-    module = build(_make_base(dim, dtype, device), rank).train()
+) -> list[dict]:
+    """Measure every variant at one (rank, tokens) case and return one result row per variant.
+
+    Timed runs go round-robin over the variants (one run of each, then the next round), so a change
+    in background load affects all variants alike.
+    """
+    modules = {
+        name: build(_make_base(dim, dtype, device), rank).train()
+        for name, build in variants.items()
+    }
     generator = torch.Generator(device="cpu").manual_seed(1)
-    x = torch.randn(tokens, dim, generator=generator).to(device=device, dtype=dtype).requires_grad_(True)
+    x = (
+        torch.randn(tokens, dim, generator=generator)
+        .to(device=device, dtype=dtype)
+        .requires_grad_(True)
+    )
     upstream = torch.randn(tokens, dim, generator=generator).to(device=device, dtype=dtype)
 
-    def forward() -> None:
-        module(x)
+    def forward(module: nn.Module) -> Callable[[], None]:
+        return lambda: module(x)
 
-    def forward_backward() -> None:
-        _clear_grads(module, x)
-        module(x).backward(upstream)
+    def forward_backward(module: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            _clear_grads(module, x)
+            module(x).backward(upstream)
 
-    forward_ms = _time(forward, repeats, device)
-    forward_backward_ms = _time(forward_backward, repeats, device)
-    peak_mib = _peak_extra_mib(module, x, upstream, device)
+        return run
 
-    del module, x, upstream
-    gc.collect()
-    return {
-        "variant": name,
-        "rank": rank,
-        "tokens": tokens,
-        "forward_ms": forward_ms,
-        "forward_backward_ms": forward_backward_ms,
-        "peak_extra_mib": peak_mib,
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {"forward": [], "forward_backward": []} for name in modules
     }
+    for kind, make in (("forward", forward), ("forward_backward", forward_backward)):
+        for module in modules.values():
+            _time_once(make(module), device)  # warm-up
+        for _ in range(repeats):
+            for name, module in modules.items():
+                samples[name][kind].append(_time_once(make(module), device))
+
+    rows = []
+    for name, module in modules.items():
+        rows.append(
+            {
+                "variant": name,
+                "rank": rank,
+                "tokens": tokens,
+                "forward_ms": statistics.median(samples[name]["forward"]),
+                "forward_backward_ms": statistics.median(samples[name]["forward_backward"]),
+                "peak_extra_mib": _peak_extra_mib(module, x, upstream, device),
+            }
+        )
+    return rows
 
 
 def _print_table(rows: list[dict], device: str, dtype: torch.dtype, dim: int) -> None:
-    print(f"\nDoRA layer benchmark: device={device}, dtype={str(dtype).removeprefix('torch.')}, d_in=d_out={dim}")
+    print(
+        f"\nDoRA layer benchmark: device={device}, dtype={str(dtype).removeprefix('torch.')}, d_in=d_out={dim}"
+    )
     header = f"{'variant':<14}{'r':>5}{'tokens':>8}{'fwd ms':>10}{'fwd+bwd ms':>12}{'peak MiB':>10}"
     header += f"{'fb/LoRA':>9}{'mem/LoRA':>10}{'fb/PEFT-DoRA':>14}"
     print(header)
@@ -178,12 +201,22 @@ def _print_table(rows: list[dict], device: str, dtype: torch.dtype, dim: int) ->
         lora = variants.get("peft-lora")
         dora = variants.get("peft-dora")
         for name, row in variants.items():
-            time_vs_lora = row["forward_backward_ms"] / lora["forward_backward_ms"] if lora else float("nan")
-            mem_vs_lora = (
-                row["peak_extra_mib"] / lora["peak_extra_mib"] if lora and lora["peak_extra_mib"] else float("nan")
+            time_vs_lora = (
+                row["forward_backward_ms"] / lora["forward_backward_ms"] if lora else float("nan")
             )
-            time_vs_dora = row["forward_backward_ms"] / dora["forward_backward_ms"] if dora else float("nan")
-            row.update(time_vs_lora=time_vs_lora, memory_vs_lora=mem_vs_lora, time_vs_peft_dora=time_vs_dora)
+            mem_vs_lora = (
+                row["peak_extra_mib"] / lora["peak_extra_mib"]
+                if lora and lora["peak_extra_mib"]
+                else float("nan")
+            )
+            time_vs_dora = (
+                row["forward_backward_ms"] / dora["forward_backward_ms"] if dora else float("nan")
+            )
+            row.update(
+                time_vs_lora=time_vs_lora,
+                memory_vs_lora=mem_vs_lora,
+                time_vs_peft_dora=time_vs_dora,
+            )
             print(
                 f"{name:<14}{rank:>5}{tokens:>8}{row['forward_ms']:>10.1f}{row['forward_backward_ms']:>12.1f}"
                 f"{row['peak_extra_mib']:>10.1f}{time_vs_lora:>8.2f}x{mem_vs_lora:>9.2f}x{time_vs_dora:>13.2f}x"
@@ -196,11 +229,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="device to run on")
     parser.add_argument("--dim", type=int, default=4096, help="in_features = out_features")
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 384], help="adapter ranks")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 2048], help="rows of the input")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median)")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
+    parser.add_argument(
+        "--tokens", type=int, nargs="+", default=[1, 2048], help="rows of the input"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=5, help="timed runs per measurement (median)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)"
+    )
     parser.add_argument("--variants", nargs="+", default=None, help="subset of variants to run")
-    parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
+    parser.add_argument(
+        "--json", type=Path, default=None, help="also write the rows to this JSON file"
+    )
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.WARNING)
@@ -220,12 +261,18 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for rank in args.ranks:
         for tokens in args.tokens:
-            for name, build in variants.items():
-                rows.append(run_case(name, build, args.dim, rank, tokens, dtype, args.device, args.repeats))
+            rows.extend(
+                run_case(variants, args.dim, rank, tokens, dtype, args.device, args.repeats)
+            )
 
     _print_table(rows, args.device, dtype, args.dim)
     if args.json is not None:
-        meta = {"device": args.device, "dtype": str(dtype), "dim": args.dim, "threads": args.threads}
+        meta = {
+            "device": args.device,
+            "dtype": str(dtype),
+            "dim": args.dim,
+            "threads": args.threads,
+        }
         if args.device == "cuda":
             meta["gpu"] = torch.cuda.get_device_name()
         args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

@@ -122,7 +122,9 @@ def new_client_app() -> ClientApp:
     The handler replies with the node's partition id, which fedsim's grid uses to order nodes
     and replies by partition under Flower's simulation engine.
     """
-    app = ClientApp()
+    from fedsim.clients.faults import inject_faults
+
+    app = ClientApp(mods=[inject_faults])
 
     @app.query("partition")
     def report_partition(message: Message, context: Context) -> Message:

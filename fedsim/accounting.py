@@ -205,8 +205,9 @@ class AccountingGrid(Grid):
 
     # Exchanges.
     def _attach_spec(self, message: Message) -> None:
-        if message.has_content() and SPEC_RECORD not in message.content.config_records:
-            message.content.config_records[SPEC_RECORD] = ConfigRecord({"spec": self.spec_json})
+        if message.has_content():
+            record = ConfigRecord({"spec": self.spec_json, "round": self.current_round})
+            message.content.config_records[SPEC_RECORD] = record
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         """Attach the spec, count the bytes and push ``messages``."""

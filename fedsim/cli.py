@@ -114,9 +114,12 @@ def _simulate(args: argparse.Namespace) -> int:
 
     progress, hook = _progress_hook(config.run.rounds) if config.run.progress else (None, None)
     try:
-        if progress is not None:
-            progress.start()
-        outcome = simulate(config, run_dir=args.output_dir, hooks=[hook] if hook else None)
+        outcome = simulate(
+            config,
+            run_dir=args.output_dir,
+            hooks=[hook] if hook else None,
+            on_start=progress.start if progress is not None else None,
+        )
     except RunInputError as error:
         return _fail(str(error))
     finally:

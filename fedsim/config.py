@@ -25,6 +25,7 @@ __all__ = [
     "ClientSection",
     "ConfigError",
     "DataSection",
+    "FaultSection",
     "ModelSection",
     "PartitionerSection",
     "RunConfig",
@@ -159,6 +160,17 @@ class BackendSection:
 
 
 @dataclass
+class FaultSection:
+    """One injected fault: ``kind`` hits ``partitions`` in ``rounds`` during ``phase``."""
+
+    kind: str = "raise"
+    rounds: list[int] = field(default_factory=list)
+    partitions: list[int] = field(default_factory=list)
+    phase: str = "train"
+    seconds: float = 0.0
+
+
+@dataclass
 class RunConfig:
     """A whole run: the six sections of a fedsim YAML file."""
 
@@ -168,6 +180,7 @@ class RunConfig:
     strategy: StrategySection = field(default_factory=StrategySection)
     client: ClientSection = field(default_factory=ClientSection)
     backend: BackendSection = field(default_factory=BackendSection)
+    faults: list[FaultSection] = field(default_factory=list)
 
 
 _STRATEGY_SECTIONS: dict[str, type[StrategySection]] = {}
@@ -347,6 +360,17 @@ def validate(config: RunConfig) -> None:
         _check(backend.num_cpus >= 1, "backend.num_cpus", backend.num_cpus, "null or an integer >= 1")
     if backend.address is not None and backend.name != "ray":
         raise ConfigError(f"'backend.address' is set to {backend.address!r} but 'backend.name' is {backend.name!r}; a cluster address needs backend.name=ray")
+
+    for index, fault in enumerate(config.faults):
+        key = f"faults[{index}]"
+        _check_choice(f"{key}.kind", fault.kind, ("raise", "nan", "wrong_shape", "hang", "exit"))
+        _check_choice(f"{key}.phase", fault.phase, ("train", "evaluate"))
+        _check(all(r >= 1 for r in fault.rounds), f"{key}.rounds", list(fault.rounds), "round numbers >= 1")
+        _check(all(0 <= p < data.num_clients for p in fault.partitions), f"{key}.partitions", list(fault.partitions), f"partition ids in [0, {data.num_clients})")
+        if fault.kind == "exit":
+            _check(backend.name == "ray", f"{key}.kind", fault.kind, "'exit' only with backend.name=ray, because the local engine runs clients in the driver process")
+        if fault.kind == "hang":
+            _check(fault.seconds > 0, f"{key}.seconds", fault.seconds, "a number of seconds > 0")
 
     check_strategy = getattr(strategy, "validate", None)
     if callable(check_strategy):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from fedsim.accounting import AccountingGrid, TooManyFailuresError
 from fedsim.config import RunConfig, to_dict, to_yaml
 from fedsim.datasets import DataFileError
 from fedsim.engine.environment import prepare_environment
+from fedsim.engine.ray_engine import RayResourceError
 from fedsim.methods import DataInfo, get_method
 from fedsim.partition import PartitionError, dataset_info
 from fedsim.plots import plot_runs
@@ -59,6 +61,7 @@ def client_spec(config: RunConfig, run_dir: Path) -> dict[str, Any]:
         "seed": config.run.seed,
         "run_dir": str(run_dir.resolve()),
         "threads": max(1, int(config.backend.client_resources.num_cpus)),
+        "faults": [to_dict(fault) for fault in config.faults],
     }
 
 
@@ -102,20 +105,23 @@ def simulate(
     config: RunConfig,
     run_dir: str | Path | None = None,
     hooks: list[RoundHook] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> RunOutcome:
     """Run ``config`` to the end and write its run folder.
 
     ``run_dir`` overrides ``run.output_dir/<name>-<timestamp>``. ``hooks`` run after each
-    round's row is written, with ``(round, arrays, row)``. Raises :class:`RunInputError` for bad
+    round's row is written, with ``(round, arrays, row)``; ``on_start`` runs once the input is
+    checked, just before the engine starts. Raises :class:`RunInputError` for bad
     input found before round 1; any later failure is returned as ``status == "failed"``.
     """
     prepare_environment()
     method = get_method(config.strategy.name)
+    info = _data_info(config, {"data": to_dict(config.data)})
+    _check_model(config, info)
+
     folder = RunFolder.create(config.run.output_dir, config.run.name, run_dir)
     folder.write_config(to_yaml(config))
     spec = client_spec(config, folder.path)
-    info = _data_info(config, spec)
-    _check_model(config, info)
 
     strategy = method.build_strategy(config, info)
     initial_arrays = method.initial_arrays(config, info)
@@ -148,10 +154,14 @@ def simulate(
             evaluate_fn=recorder.evaluate_fn,
         )
 
+    if on_start is not None:
+        on_start()
     started = time.perf_counter()
     status, error = "completed", None
     try:
         _run_engine(config, server_app, method.load_client_app())
+    except RayResourceError as error:
+        raise RunInputError(str(error)) from error
     except TooManyFailuresError as failure:
         status, error = "failed", str(failure)
     except KeyboardInterrupt:

@@ -5,5 +5,6 @@ Every strategy takes plain values in its constructor, so it can be used in any F
 
 from fedsim.strategies.fedavg import FedAvg
 from fedsim.strategies.local_only import LocalOnly
+from fedsim.strategies.spafl import SpaFL
 
-__all__ = ["FedAvg", "LocalOnly"]
+__all__ = ["FedAvg", "LocalOnly", "SpaFL"]

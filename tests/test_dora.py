@@ -53,7 +53,9 @@ def _trained_layer(d_in=24, d_out=20, r=4, alpha=8.0, bias=True, seed=0, **optio
     generator = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         layer.lora_B.weight.copy_(0.3 * torch.randn(d_out, r, generator=generator, dtype=F64))
-        layer.lora_magnitude_vector.mul_(1 + 0.2 * torch.rand(d_out, generator=generator, dtype=F64))
+        layer.lora_magnitude_vector.mul_(
+            1 + 0.2 * torch.rand(d_out, generator=generator, dtype=F64)
+        )
     return layer
 
 
@@ -186,7 +188,10 @@ def test_init_equals_base_layer():
 
     assert torch.count_nonzero(layer.lora_B.weight) == 0
     torch.testing.assert_close(
-        layer.lora_magnitude_vector.detach(), torch.linalg.norm(linear.weight, dim=1), rtol=1e-14, atol=0
+        layer.lora_magnitude_vector.detach(),
+        torch.linalg.norm(linear.weight, dim=1),
+        rtol=1e-14,
+        atol=0,
     )
     torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-14, atol=1e-15)
 
@@ -382,7 +387,9 @@ def test_gradcheck_function():
     weight_norm = torch.rand(4, generator=generator, dtype=F64) + 0.5
 
     def function(x, weight, bias, lora_A, lora_B, magnitude):
-        return dora_linear(x, weight, bias, lora_A, lora_B, magnitude, weight_norm, 0.7, kernel="torch")
+        return dora_linear(
+            x, weight, bias, lora_A, lora_B, magnitude, weight_norm, 0.7, kernel="torch"
+        )
 
     assert torch.autograd.gradcheck(function, (x, weight, bias, lora_A, lora_B, magnitude))
 
@@ -399,8 +406,16 @@ def test_gradcheck_function_recompute():
 
     def function(x, lora_A, lora_B, magnitude):
         return dora_linear(
-            x, weight, None, lora_A, lora_B, magnitude, weight_norm, 1.3,
-            kernel="torch", recompute_inner=True,
+            x,
+            weight,
+            None,
+            lora_A,
+            lora_B,
+            magnitude,
+            weight_norm,
+            1.3,
+            kernel="torch",
+            recompute_inner=True,
         )
 
     assert torch.autograd.gradcheck(function, (x, lora_A, lora_B, magnitude))
@@ -415,8 +430,14 @@ def test_norm_receives_no_gradient():
 
     layer(x).sum().backward()
 
-    expected_b = layer.scaling * (scale[:, None] * torch.ones(3, 20, dtype=F64).T) @ (x @ layer.lora_A.weight.T)
-    torch.testing.assert_close(layer.lora_B.weight.grad, expected_b.detach(), rtol=1e-12, atol=1e-12)
+    expected_b = (
+        layer.scaling
+        * (scale[:, None] * torch.ones(3, 20, dtype=F64).T)
+        @ (x @ layer.lora_A.weight.T)
+    )
+    torch.testing.assert_close(
+        layer.lora_B.weight.grad, expected_b.detach(), rtol=1e-12, atol=1e-12
+    )
     expected_m = (inner.sum(dim=0) / weight_norm).detach()
     torch.testing.assert_close(layer.lora_magnitude_vector.grad, expected_m, rtol=1e-12, atol=1e-12)
 
@@ -425,8 +446,15 @@ def test_function_rejects_mixed_dtypes():
     x = torch.randn(2, 4)
     with pytest.raises(TypeError, match="share one dtype"):
         dora_linear(
-            x, torch.randn(3, 4, dtype=F64), None, torch.randn(1, 4), torch.randn(3, 1),
-            torch.ones(3), torch.ones(3), 1.0, kernel="torch",
+            x,
+            torch.randn(3, 4, dtype=F64),
+            None,
+            torch.randn(1, 4),
+            torch.randn(3, 1),
+            torch.ones(3),
+            torch.ones(3),
+            1.0,
+            kernel="torch",
         )
 
 
@@ -494,7 +522,9 @@ def test_merge_unmerge_round_trip():
     assert not layer.merged
     torch.testing.assert_close(merged_output, expected, rtol=1e-12, atol=1e-12)
     scale = (layer.lora_magnitude_vector / layer.weight_norm()).detach()
-    dense = scale[:, None] * (original_weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight)
+    dense = scale[:, None] * (
+        original_weight + layer.scaling * layer.lora_B.weight @ layer.lora_A.weight
+    )
     torch.testing.assert_close(merged_weight, dense.detach(), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer.weight.detach(), original_weight, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(layer(x).detach(), expected, rtol=1e-12, atol=1e-12)

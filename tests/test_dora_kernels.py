@@ -44,12 +44,16 @@ def _check_forward(dtype: torch.dtype, device: str) -> None:
         for bias_or_none in (bias, None):
             expected = _reference_forward(inner, scale, bias_or_none)
             actual = kernels.compose_forward(inner, scale, bias_or_none)
-            _assert_matches(actual, expected, f"forward {dtype} {rows}x{cols} bias={bias_or_none is not None}")
+            _assert_matches(
+                actual, expected, f"forward {dtype} {rows}x{cols} bias={bias_or_none is not None}"
+            )
 
         in_place = inner.clone()
         result = kernels.compose_forward(in_place, scale, bias, out=in_place)
         assert result.data_ptr() == in_place.data_ptr(), "in-place forward wrote elsewhere"
-        _assert_matches(in_place, _reference_forward(inner, scale, bias), f"in-place forward {dtype}")
+        _assert_matches(
+            in_place, _reference_forward(inner, scale, bias), f"in-place forward {dtype}"
+        )
 
 
 def _check_backward(dtype: torch.dtype, device: str) -> None:
@@ -101,27 +105,40 @@ def _check_layer(dtype: torch.dtype, device: str) -> None:
         y.float().square().sum().backward()
         outputs.append(y.detach())
         grads.append(
-            [x_leaf.grad, layer.lora_A.weight.grad, layer.lora_B.weight.grad, layer.lora_magnitude_vector.grad]
+            [
+                x_leaf.grad,
+                layer.lora_A.weight.grad,
+                layer.lora_B.weight.grad,
+                layer.lora_magnitude_vector.grad,
+            ]
         )
 
     _assert_matches(outputs[1], outputs[0], f"layer output {dtype}")
     tolerance = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 5e-2}[dtype]
     for name, actual, expected in zip(("x", "A", "B", "m"), grads[1], grads[0], strict=True):
         torch.testing.assert_close(
-            actual.float(), expected.float(), rtol=tolerance, atol=tolerance, msg=f"gradient of {name}"
+            actual.float(),
+            expected.float(),
+            rtol=tolerance,
+            atol=tolerance,
+            msg=f"gradient of {name}",
         )
 
 
 def _assert_matches(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     """Exact for float32 and float16; within one bfloat16 unit in the last place (rtol 2⁻⁷)."""
-    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+    assert actual.dtype == expected.dtype, (
+        f"{what}: dtype {actual.dtype}, expected {expected.dtype}"
+    )
     if actual.dtype == torch.bfloat16:
         torch.testing.assert_close(actual.float(), expected.float(), rtol=8e-3, atol=1e-6, msg=what)
     elif actual.is_cuda and actual.dtype == torch.float32:
         # The GPU may fuse the multiply and add into one FMA.
         torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-6, msg=what)
     else:
-        assert torch.equal(actual, expected), f"{what}: max abs diff {(actual - expected).abs().max()}"
+        assert torch.equal(actual, expected), (
+            f"{what}: max abs diff {(actual - expected).abs().max()}"
+        )
 
 
 CHECKS = {
@@ -177,7 +194,9 @@ def test_kernel_interpreter(interpreter_report, check):
 
 def test_package_import_does_not_import_triton():
     code = "import sys, fedsim.dora; assert 'triton' not in sys.modules, 'triton was imported'"
-    completed = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True
+    )
 
     assert completed.returncode == 0, completed.stderr
 

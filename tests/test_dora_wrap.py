@@ -120,7 +120,8 @@ def test_adapter_keys_match_peft():
     peft = pytest.importorskip("peft", reason="peft is needed to compare key names (dev extra)")
     ours = _model()
     reference = peft.get_peft_model(
-        _model(), peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "head"], use_dora=True)
+        _model(),
+        peft.LoraConfig(r=2, lora_alpha=2, target_modules=["q_proj", "head"], use_dora=True),
     )
 
     wrap_linear_modules(ours, r".*(q_proj|head)", r=2, alpha=2)
@@ -136,7 +137,7 @@ def test_adapter_state_round_trip():
     wrap_linear_modules(source, r".*proj", r=2, alpha=2, seed=1)
     wrap_linear_modules(target, r".*proj", r=2, alpha=2, seed=2)
     with torch.no_grad():
-        for name, value in adapter_state_dict(source).items():
+        for value in adapter_state_dict(source).values():
             value.add_(torch.randn_like(value))
     state = {key: value.clone() for key, value in adapter_state_dict(source).items()}
     x = torch.randn(3, 12)
@@ -161,7 +162,9 @@ def test_load_adapter_state_rejects_bad_input():
     with pytest.raises(ValueError, match="shape"):
         load_adapter_state_dict(model, {**state, "head.lora_B.weight": torch.zeros(2, 2)})
     with pytest.raises(ValueError, match="NaN"):
-        load_adapter_state_dict(model, {**state, "head.lora_magnitude_vector": torch.full((3,), float("nan"))})
+        load_adapter_state_dict(
+            model, {**state, "head.lora_magnitude_vector": torch.full((3,), float("nan"))}
+        )
 
 
 def test_load_adapter_state_invalidates_eval_cache():
@@ -176,7 +179,9 @@ def test_load_adapter_state_invalidates_eval_cache():
 
     after = model.head.weight_norm()
     lora = model.head
-    expected = torch.linalg.norm(lora.weight + lora.scaling * lora.lora_B.weight @ lora.lora_A.weight, dim=1)
+    expected = torch.linalg.norm(
+        lora.weight + lora.scaling * lora.lora_B.weight @ lora.lora_A.weight, dim=1
+    )
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, expected.detach(), rtol=1e-6, atol=0)
 

@@ -31,7 +31,6 @@ from fedsim.pac import (
 )
 from fedsim.pac.core import ALL_PLAYERS
 
-
 # --- players and learners on the line ---------------------------------------------------------
 
 
@@ -162,8 +161,10 @@ def grid_error(hypothesis, player, points=100_001):
 
 
 def test_failing_player_weight_doubles():
-    players = [UniformPlayer(-1, 1, lambda X: np.zeros(len(X), np.int64)),
-               UniformPlayer(-1, 1, lambda X: np.ones(len(X), np.int64))]
+    players = [
+        UniformPlayer(-1, 1, lambda X: np.zeros(len(X), np.int64)),
+        UniformPlayer(-1, 1, lambda X: np.ones(len(X), np.int64)),
+    ]
     plan = plan_mw(2, 0.1, 0.05, round_samples=50)
     result = run_mw(players, ConstantLearner(0), plan, seed=3, evaluation_samples=100)
 
@@ -220,7 +221,9 @@ def test_ledger_matches_player_counts():
 
     for player, record in zip(players, result.players, strict=True):
         received = (
-            record.train_samples + record.test_samples + record.certify_samples
+            record.train_samples
+            + record.test_samples
+            + record.certify_samples
             + record.evaluation_samples
         )
         assert received == player.samples_drawn
@@ -245,9 +248,7 @@ def test_certification_counted_in_ledger():
     certify_per_attempt = 27226
     attempts = sum(record.attempts for record in result.history)
     assert result.total_certify == attempts * certify_per_attempt
-    expected_train = sum(
-        plan.round_samples * (2**record.attempts - 1) for record in result.history
-    )
+    expected_train = sum(plan.round_samples * (2**record.attempts - 1) for record in result.history)
     assert result.total_train == expected_train
     for player, record in zip(players, result.players, strict=True):
         assert record.cost == player.samples_drawn
@@ -277,7 +278,7 @@ def test_mw_worst_error_within_eps_theory():
         bad_seeds += max(errors) > eps
 
     assert bad_seeds <= stats.binom.ppf(0.99, seeds, delta)
-    # The guarantee holds with a wide margin on this easy case, so no seed should fail.
+    # The guarantee is met with a wide margin on this easy case, so no seed should fail.
     assert bad_seeds == 0
 
 
@@ -300,7 +301,11 @@ def test_majority_test_target_tests_running_vote():
     script = [{1}, {1}, set(), set(), set()]
     plan = plan_mw(2, 0.1, 0.05, round_samples=10)
     result = run_mw(
-        players, ScriptedLearner(script), plan, seed=0, evaluation_samples=0,
+        players,
+        ScriptedLearner(script),
+        plan,
+        seed=0,
+        evaluation_samples=0,
         test_target="majority",
     )
     assert [record.failed[1] for record in result.history] == [True, True, True, True, False]
@@ -314,12 +319,13 @@ def test_majority_test_target_tests_running_vote():
 def test_weights_invariants_and_relabelling(data):
     k = data.draw(st.integers(1, 5), label="k")
     rounds = mw_rounds(k)
-    script = [
-        data.draw(st.sets(st.integers(0, k - 1)), label=f"round {t}") for t in range(rounds)
-    ]
+    script = [data.draw(st.sets(st.integers(0, k - 1)), label=f"round {t}") for t in range(rounds)]
     plan = plan_mw(k, 0.1, 0.05, round_samples=3 * k)
     result = run_mw(
-        [IdentityPlayer(i) for i in range(k)], ScriptedLearner(script), plan, seed=1,
+        [IdentityPlayer(i) for i in range(k)],
+        ScriptedLearner(script),
+        plan,
+        seed=1,
         evaluation_samples=0,
     )
 
@@ -339,7 +345,10 @@ def test_weights_invariants_and_relabelling(data):
     # Reversing the player order reverses failure counts and probabilities.
     reversed_script = [{k - 1 - i for i in wrong} for wrong in script]
     mirrored = run_mw(
-        [IdentityPlayer(i) for i in range(k)], ScriptedLearner(reversed_script), plan, seed=1,
+        [IdentityPlayer(i) for i in range(k)],
+        ScriptedLearner(reversed_script),
+        plan,
+        seed=1,
         evaluation_samples=0,
     )
     assert mirrored.failures == result.failures[::-1]

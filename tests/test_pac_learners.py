@@ -72,7 +72,7 @@ def test_digits_players_realizable():
     np.testing.assert_array_equal(reference.predict(X), y)
     assert len(np.unique(y)) == 10
 
-    # Player 11 holds original digits 1, 2, 3 under the second transformation, shifted right:
+    # Player 11 has original digits 1, 2, 3 under the second transformation, shifted right:
     # its first pixel column is blank.
     assert players[11].name == "11:digits[1, 2, 3]:shift-right"
     assert np.all(players[11].features.reshape(-1, 8, 8)[:, :, 0] == 0)

@@ -103,7 +103,11 @@ def test_mw_plan_theory_constants():
     ("k", "learn_millions", "test_total", "ratio"),
     # Reference rows at d = 10, ε = 0.1, δ = 0.05; test totals k·T·n_test by hand:
     # k = 16: n_test = ⌈1920·ln 12800⌉ = 18158; k = 64: ⌈1920·ln 76800⌉ = 21599.
-    [(4, 10.5, 4 * 10 * 14166, 1961), (16, 20.9, 16 * 20 * 18158, 4755), (64, 31.4, 64 * 30 * 21599, 12962)],
+    [
+        (4, 10.5, 4 * 10 * 14166, 1961),
+        (16, 20.9, 16 * 20 * 18158, 4755),
+        (64, 31.4, 64 * 30 * 21599, 12962),
+    ],
 )
 def test_mw_theory_reference_rows(k, learn_millions, test_total, ratio):
     plan = plan_mw(k, 0.1, 0.05, preset="theory", vc_dim=10)

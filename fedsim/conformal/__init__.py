@@ -1,10 +1,11 @@
 """Federated conformal calibration with group-conditional coverage (GC-FCP).
 
 Implements the maths of Wen, Simeone, Xing, "Efficient Federated Conformal Prediction with
-Group-Conditional Guarantees" (arXiv 2603.14198, UAI 2026): conformity scores, groups and atoms,
-mixture weights, a mergeable weighted quantile summary, the weighted group-conditional dual LP
-with its closed-form special cases, prediction sets and coverage metrics, the paper's synthetic
-regression, and the baselines. Arrays in, arrays out: no Flower, no Ray, no file I/O.
+Group-Conditional Guarantees" (arXiv 2603.14198, UAI 2026). The package provides conformity
+scores, groups and atoms, mixture weights and a mergeable weighted quantile summary. It solves
+the weighted group-conditional dual LP, with its closed-form special cases, and builds prediction
+sets and coverage metrics. It also generates the paper's synthetic regression and runs the
+baselines. Arrays in, arrays out: no Flower, no Ray, no file I/O.
 """
 
 from fedsim.conformal.calibration import (
@@ -38,8 +39,19 @@ from fedsim.conformal.groups import (
     pattern_from_key,
     pattern_key,
 )
-from fedsim.conformal.prediction import CoverageReport, coverage_report, prediction_sets, regression_intervals
-from fedsim.conformal.scores import absolute_residual, aps_scores, classification_scores, raps_scores, thr_scores
+from fedsim.conformal.prediction import (
+    CoverageReport,
+    coverage_report,
+    prediction_sets,
+    regression_intervals,
+)
+from fedsim.conformal.scores import (
+    absolute_residual,
+    aps_scores,
+    classification_scores,
+    raps_scores,
+    thr_scores,
+)
 from fedsim.conformal.sketch import QuantileSketch
 from fedsim.conformal.synthetic import (
     SYNTHETIC_CLIENT_SIZES,
@@ -92,4 +104,5 @@ __all__ = [
     "split_conformal_threshold",
     "summarize_client",
     "thr_scores",
+    "weighted_quantile_threshold",
 ]

@@ -18,11 +18,11 @@ whether that level is reachable at all; if it is not, τ = +inf.
 Every LP goes to ``scipy.optimize.linprog(method="highs")``. The default solver is an exact
 active-set reduction of the full LP. Within one atom every η_i has the same constraint column,
 so an optimal solution puts the atom's highest scores at their upper bounds and its lowest at
-their lower bounds. The solver keeps those fixed, solves the LP over a window of ranks per atom,
-and checks the reduced costs of the fixed variables against the LP duals: a fixed variable at its
-upper bound needs S_i ≥ Φ_aᵀβ, one at its lower bound S_i ≤ Φ_aᵀβ, where β is the negated
-equality dual. When the check passes, the full LP is solved to optimality, and when it fails the
-window grows. ``solver="full"`` solves the literal LP with every variable free (slower, same
+their lower bounds. The solver keeps those fixed and solves the LP over a window of ranks per
+atom. It then checks the reduced costs of the fixed variables against the LP duals. With β the
+negated equality dual, a variable fixed at its upper bound needs S_i ≥ Φ_aᵀβ and one at its lower
+bound needs S_i ≤ Φ_aᵀβ. When the check passes, the full LP is solved to optimality, and when it
+fails the window grows. ``solver="full"`` solves the literal LP with every variable free (slower, same
 answer).
 """
 

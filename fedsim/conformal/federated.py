@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.typing import ArrayLike, DTypeLike, NDArray
+from numpy.typing import ArrayLike, DTypeLike
 
 from fedsim.conformal.calibration import (
     calibrate_table,
@@ -109,8 +109,8 @@ def merge_summaries(
 ) -> dict[str, QuantileSketch]:
     """Merge the clients' summaries per atom key and compress each merge to ``compression``.
 
-    Clients are processed in order of their keys, so the result does not depend on the order of
-    ``summaries``. ``compression=None`` keeps every pseudo-point.
+    A summary sorts its pseudo-points by (value, weight), so the result does not depend on the
+    order of ``summaries``. ``compression=None`` keeps every pseudo-point.
     """
     widths = {summary.num_groups for summary in summaries}
     if len(widths) > 1:

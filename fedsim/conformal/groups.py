@@ -1,6 +1,6 @@
 """Group membership, atoms and pattern keys for GC-FCP.
 
-GC-FCP (Wen, Simeone, Xing, arXiv 2603.14198) asks for coverage 1 − α within each of d
+GC-FCP (Wen, Simeone, Xing, arXiv 2603.14198) targets coverage 1 − α within each of d
 prespecified groups, which may overlap. The membership vector Φ(x) ∈ {0,1}^d must be computable
 at test time, so groups are defined from the features or from model outputs (such as the
 predicted label), never from the label y.
@@ -8,7 +8,7 @@ predicted label), never from the label y.
 An atom is a membership pattern that occurs in the data. The calibration linear program sees a
 point only through (score, weight, pattern), so all per-point information beyond the score lives
 in the atom's pattern. Patterns travel as hex keys (``pattern_key``) of their little-endian packed
-bits, which is what a Flower record key such as ``atom/<key>/value`` holds.
+bits, the form used inside Flower record keys such as ``atom/<key>/value``.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def pattern_key(pattern: ArrayLike) -> str:
     """Encode one pattern of d bits as a hex string of its little-endian packed bytes."""
     bits = np.asarray(pattern, dtype=np.uint8).reshape(-1)
     if np.any(bits > 1):
-        raise ValueError(f"a pattern holds only 0 and 1, got {bits.tolist()}")
+        raise ValueError(f"invalid pattern {bits.tolist()}: entries must be 0 or 1")
     return np.packbits(bits, bitorder="little").tobytes().hex()
 
 

@@ -2,9 +2,9 @@
 
 In GC-FCP (Wen, Simeone, Xing, arXiv 2603.14198) each client sends, per atom, a small weighted
 summary of its calibration scores instead of the scores. The reference code uses a t-digest.
-This module uses a deterministic equal-mass summary instead, for two reasons: its rank error has a
-short proof that a test can check, and compressing a multiset gives the same output for any
-input order, so merged results do not depend on the order in which client replies arrive.
+This module uses a deterministic equal-mass summary instead. Its rank error has a short proof
+that a test can check. Compressing a multiset also gives the same output for any input order, so
+merged results do not depend on the order in which client replies arrive.
 
 Summary. A summary is a list of pseudo-points (value v_c, weight c_c), sorted by value. Its
 weighted CDF is F̃(θ) = Σ_{c: v_c ≤ θ} c_c, and the data's is F(θ) = Σ_{i: s_i ≤ θ} w_i.
@@ -16,7 +16,7 @@ weighted median (the smallest value whose in-bucket cumulative weight reaches ha
 
 Bound. Buckets cover disjoint value ranges, so at any θ at most one bucket is split by θ, and
 its contribution to |F̃(θ) − F(θ)| is at most max(weight below its median, weight above it).
-Without its last item a bucket weighs less than c. If the last item holds at least half of the
+Without its last item a bucket weighs less than c. If the last item carries at least half of the
 bucket, the median is that item and the error is the rest of the bucket, < c. Otherwise the
 bucket weighs less than 2c and the error is at most half of it, < c. Hence one compression adds
 a rank error below W/K, in weight units.

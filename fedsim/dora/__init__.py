@@ -9,7 +9,12 @@ Importing this package never imports Triton. The kernels in :mod:`fedsim.dora.ke
 first use, on CUDA with ``kernel="auto"`` or explicitly with ``kernel="triton"``.
 """
 
-from fedsim.dora.functional import DoRALinearFunction, dora_linear, resolve_backend, triton_available
+from fedsim.dora.functional import (
+    DoRALinearFunction,
+    dora_linear,
+    resolve_backend,
+    triton_available,
+)
 from fedsim.dora.layer import DoRALinear, LoRAFactor
 from fedsim.dora.norm import dense_row_norm, factored_row_norm, weight_row_norm_sq
 from fedsim.dora.wrap import (

@@ -141,7 +141,9 @@ def compose_forward_torch(
     return out.copy_(result)
 
 
-def _reduce_rows_product(grad: torch.Tensor, inner: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
+def _reduce_rows_product(
+    grad: torch.Tensor, inner: torch.Tensor, acc_dtype: torch.dtype
+) -> torch.Tensor:
     """Return ``Σ_rows grad ⊙ inner`` in ``acc_dtype``, in row chunks that bound the temporary."""
     rows, cols = grad.shape
     total = torch.zeros(cols, dtype=acc_dtype, device=grad.device)
@@ -270,18 +272,17 @@ class DoRALinearFunction(torch.autograd.Function):
             grad_bias = grad_output.sum(dim=0)
 
         # The low-rank path: dh = s·d_inner·B, dB = s·d_innerᵀ·h, dA = dhᵀ·x.
-        grad_h = None
-        if need_x or need_a:
-            grad_h = (grad_inner @ lora_B).mul_(scaling)
         if need_bb:
             grad_b = (grad_inner.T @ h).mul_(scaling)
-        if need_a:
-            grad_a = grad_h.T @ x2d
         if need_w:
             grad_weight = grad_inner.T @ x2d
-        if need_x:
-            grad_x = grad_inner @ weight
-            grad_x.addmm_(grad_h, lora_A)
+        if need_x or need_a:
+            grad_h = (grad_inner @ lora_B).mul_(scaling)
+            if need_a:
+                grad_a = grad_h.T @ x2d
+            if need_x:
+                grad_x = grad_inner @ weight
+                grad_x.addmm_(grad_h, lora_A)
 
         return grad_x, grad_weight, grad_bias, grad_a, grad_b, grad_m, None, None, None, None
 

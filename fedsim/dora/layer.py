@@ -1,7 +1,7 @@
 """``DoRALinear``: a frozen ``nn.Linear`` adapted by DoRA.
 
 DoRA (Liu et al., "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv 2402.09353) replaces a frozen
-weight ``W`` by ``diag(m / n)·(W + s·B·A)``, where ``n`` holds the row norms of ``W + s·B·A``, and
+weight ``W`` by ``diag(m / n)·(W + s·B·A)``, where ``n`` contains the row norms of ``W + s·B·A``, and
 trains ``A``, ``B`` and the magnitude ``m``. This layer computes ``n`` from rank-sized factors
 (Zelenin and Zhuravlyova, "Scaling DoRA", arXiv 2603.22276) and the output with one autograd
 function (:mod:`fedsim.dora.functional`).
@@ -46,7 +46,9 @@ class LoRAFactor(nn.Module):
 
     def __init__(self, out_features: int, in_features: int, *, device=None, dtype=None) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.zeros(out_features, in_features, device=device, dtype=dtype))
+        self.weight = nn.Parameter(
+            torch.zeros(out_features, in_features, device=device, dtype=dtype)
+        )
 
     def extra_repr(self) -> str:
         return f"in_features={self.weight.shape[1]}, out_features={self.weight.shape[0]}"
@@ -75,7 +77,7 @@ class DoRALinear(nn.Module):
     Dropout (PEFT's semantics for DoRA): with ``dropout > 0`` in training mode, with ``x̃`` the input
     after dropout,
     ``y = x·Wᵀ + b + (g − 1) ⊙ (x̃·Wᵀ) + g ⊙ (s·(x̃·Aᵀ)·Bᵀ)``.
-    The base term sees the clean input, and the DoRA correction sees the dropped-out one. This costs
+    The base term uses the clean input, and the DoRA correction uses the dropped-out one. This costs
     a second base matrix product and runs through plain autograd rather than the fused function. In
     eval mode, or with ``dropout == 0``, ``x̃ = x`` and the expression reduces to the direct form.
 
@@ -143,8 +145,12 @@ class DoRALinear(nn.Module):
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
         adapter_dtype = _adapter_dtype(weight.dtype)
-        self.lora_A = LoRAFactor(self.r, self.in_features, device=weight.device, dtype=adapter_dtype)
-        self.lora_B = LoRAFactor(self.out_features, self.r, device=weight.device, dtype=adapter_dtype)
+        self.lora_A = LoRAFactor(
+            self.r, self.in_features, device=weight.device, dtype=adapter_dtype
+        )
+        self.lora_B = LoRAFactor(
+            self.out_features, self.r, device=weight.device, dtype=adapter_dtype
+        )
         self.lora_magnitude_vector = nn.Parameter(
             torch.zeros(self.out_features, device=weight.device, dtype=adapter_dtype)
         )
@@ -204,7 +210,9 @@ class DoRALinear(nn.Module):
             RuntimeError: if the adapter is merged.
         """
         if self.merged:
-            raise RuntimeError("cannot reset the adapter of a merged DoRALinear; call unmerge() first")
+            raise RuntimeError(
+                "cannot reset the adapter of a merged DoRALinear; call unmerge() first"
+            )
 
         lora_A = self.lora_A.weight
         if seed is None:
@@ -255,7 +263,11 @@ class DoRALinear(nn.Module):
         lora_B = self.lora_B.weight
         key = None
         if not self.training:
-            key = (self._tensor_key(lora_A), self._tensor_key(lora_B), self._tensor_key(self.weight))
+            key = (
+                self._tensor_key(lora_A),
+                self._tensor_key(lora_B),
+                self._tensor_key(self.weight),
+            )
             if self._norm_cache is not None and self._norm_cache_key == key:
                 return self._norm_cache
 
@@ -350,7 +362,9 @@ class DoRALinear(nn.Module):
         dropped_base = F.linear(dropped, weight)
         lora = F.linear(F.linear(dropped, lora_A), lora_B)
 
-        delta = (scale - 1) * dropped_base.to(scale_dtype) + scale * (self.scaling * lora.to(scale_dtype))
+        delta = (scale - 1) * dropped_base.to(scale_dtype) + scale * (
+            self.scaling * lora.to(scale_dtype)
+        )
         return base + delta.to(x.dtype)
 
     # Merging.
@@ -390,12 +404,15 @@ class DoRALinear(nn.Module):
         ``m_i = 0`` cannot be recovered (the merged row is zero) and come back as ``−s·(B·A)_i``.
         Unmerging an unmerged layer is a no-op with a warning.
         """
-        if not self.merged:
-            logger.warning("DoRALinear.unmerge() called on a layer that is not merged; nothing to do")
+        merged_norm = self._merged_norm
+        if merged_norm is None:
+            logger.warning(
+                "DoRALinear.unmerge() called on a layer that is not merged; nothing to do"
+            )
             return
 
         acc_dtype = accumulation_dtype(self.weight.dtype)
-        scale = self.lora_magnitude_vector.to(acc_dtype) / self._merged_norm.to(acc_dtype)
+        scale = self.lora_magnitude_vector.to(acc_dtype) / merged_norm.to(acc_dtype)
         inverse = torch.where(scale != 0, 1.0 / scale, torch.zeros_like(scale))
         restored = self.weight.to(acc_dtype) * inverse[:, None]
         restored.addmm_(

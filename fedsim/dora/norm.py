@@ -62,7 +62,7 @@ def norm_chunk_columns(
 
     A chunk is only needed when ``W`` must be upcast to the accumulation dtype. A weight that is
     already float32 or float64 is used in one piece, because its chunks are views and cost no memory.
-    Otherwise the chunk holds at most ``budget_mb`` MiB of upcast values (at least
+    Otherwise the chunk contains at most ``budget_mb`` MiB of upcast values (at least
     :data:`MIN_CHUNK_MB`), and on CUDA it is a multiple of 64 columns.
 
     Raises:
@@ -145,15 +145,22 @@ def factored_row_norm(
             weight_sq = weight_row_norm_sq(weight)
 
         # U = W·Aᵀ and G = A·Aᵀ, accumulated over column chunks of W and A.
-        rank = lora_A.shape[0]
-        cross = torch.zeros(d_out, rank, dtype=acc_dtype, device=weight.device)
-        gram = torch.zeros(rank, rank, dtype=acc_dtype, device=weight.device)
+        cross: torch.Tensor | None = None
+        gram: torch.Tensor | None = None
         for start, stop in _chunk_bounds(d_in, chunk_columns):
             weight_chunk = weight[:, start:stop].to(acc_dtype)
             a_chunk = lora_A[:, start:stop]
-            cross.addmm_(weight_chunk, a_chunk.T)
-            gram.addmm_(a_chunk, a_chunk.T)
+            if cross is None or gram is None:
+                cross = weight_chunk @ a_chunk.T
+                gram = a_chunk @ a_chunk.T
+            else:
+                cross.addmm_(weight_chunk, a_chunk.T)
+                gram.addmm_(a_chunk, a_chunk.T)
             del weight_chunk
+        if cross is None or gram is None:  # d_in == 0
+            rank = lora_A.shape[0]
+            cross = torch.zeros(d_out, rank, dtype=acc_dtype, device=weight.device)
+            gram = torch.zeros(rank, rank, dtype=acc_dtype, device=weight.device)
 
         # n² = ‖W‖² + 2s·rowsum(B ⊙ U) + s²·rowsum((B·G) ⊙ B).
         norm_sq = weight_sq.to(acc_dtype).clone()

@@ -2,7 +2,7 @@
 
 ``torch.cuda.max_memory_allocated`` has no CPU counterpart, and ``tracemalloc`` does not see
 PyTorch's allocator, so DoRA's tests and benchmarks observe allocations at the dispatcher instead.
-:class:`AllocationProbe` is a ``TorchDispatchMode`` that sees every ATen operation, including those
+:class:`AllocationProbe` is a ``TorchDispatchMode`` that intercepts every ATen operation, including those
 that autograd runs in backward. It records outputs that do not alias an input (new storages) and
 keeps a weak reference to each, so it can count the bytes of new storages that are alive at once.
 

@@ -58,7 +58,9 @@ def _matcher(pattern: str | Iterable[str], syntax: Literal["regex", "glob"]):
 
 def dora_modules(model: nn.Module) -> dict[str, DoRALinear]:
     """Return the :class:`DoRALinear` modules of ``model`` by qualified name, in module order."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, DoRALinear)}
+    return {
+        name: module for name, module in model.named_modules() if isinstance(module, DoRALinear)
+    }
 
 
 def wrap_linear_modules(
@@ -116,9 +118,13 @@ def wrap_linear_modules(
         parent = model.get_submodule(parent_name) if parent_name else model
         linear = getattr(parent, child_name)
         layer_seed = None if seed is None else _layer_seed(seed, name)
-        setattr(parent, child_name, DoRALinear.from_linear(linear, r, alpha, seed=layer_seed, **options))
+        setattr(
+            parent, child_name, DoRALinear.from_linear(linear, r, alpha, seed=layer_seed, **options)
+        )
 
-    logger.info("wrapped %d linear modules in DoRA adapters (r=%d, alpha=%g)", len(targets), r, alpha)
+    logger.info(
+        "wrapped %d linear modules in DoRA adapters (r=%d, alpha=%g)", len(targets), r, alpha
+    )
     return targets
 
 
@@ -191,7 +197,9 @@ def load_adapter_state_dict(
     missing = [key for key in targets if key not in state]
     unexpected = [key for key in state if key not in targets]
     if strict and (missing or unexpected):
-        raise KeyError(f"adapter state mismatch: missing keys {missing}, unexpected keys {unexpected}")
+        raise KeyError(
+            f"adapter state mismatch: missing keys {missing}, unexpected keys {unexpected}"
+        )
 
     for key, value in state.items():
         if key not in targets:

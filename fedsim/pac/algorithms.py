@@ -152,7 +152,7 @@ class PlayerResult:
 
 @dataclass(frozen=True)
 class RoundRecord:
-    """What happened in one round.
+    """Record of one round.
 
     ``probabilities`` and ``train_split`` have one entry per player (a player outside the
     round has probability 0). ``test_errors`` is None for a player not tested this round.

@@ -37,7 +37,7 @@ class Phase(IntEnum):
     LEARNER = 5
 
 
-# Stands in for "no player" in the key of streams that belong to a whole round.
+# Player index in the key of streams that belong to a whole round, not to one player.
 ALL_PLAYERS = 2**31 - 1
 
 
@@ -148,7 +148,7 @@ def _sorted_labels(table: NDArray[np.integer]) -> NDArray[np.integer]:
 def plurality_vote(predictions: ArrayLike) -> NDArray[np.int64]:
     """Return the plurality label of each column of ``predictions``, shape (T, n) -> (n,).
 
-    Row t holds the integer labels that hypothesis t predicts for n points. The vote is
+    Row t contains the integer labels that hypothesis t predicts for n points. The vote is
     unweighted; for two labels it is the majority vote. A tie goes to the smallest tied
     label, a fixed rule, so with even T a 0/1 tie predicts 0. The majority bound counts ties
     as errors, so any fixed rule keeps it.

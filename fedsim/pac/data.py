@@ -176,7 +176,7 @@ def make_digits_players(
 ) -> tuple[list[PoolPlayer], LinearClassifier]:
     """Split scikit-learn's digits into k players and relabel them with a linear reference model.
 
-    Player i holds the images of the original digits (i + j) mod 10 for j < digits_per_player,
+    Player i gets the images of the original digits (i + j) mod 10 for j < digits_per_player,
     under transformation number ⌊i/10⌋ mod len(transformations). The reference model is
     multinomial logistic regression trained on every transformed image with its original
     digit. Its predictions replace the labels, so a multiclass linear classifier fits every
@@ -211,14 +211,14 @@ def make_digits_players(
     scores = np.sort(reference.decision_function(all_features), axis=1)
     gaps = scores[:, -1] - scores[:, -2]
     threshold = np.quantile(gaps, margin_quantile)
-    kept = (gaps > threshold).reshape(len(variants), len(images))
+    above_margin = (gaps > threshold).reshape(len(variants), len(images))
 
     players = []
     for i in range(k):
         variant = (i // 10) % len(variants)
-        held = [(i + j) % 10 for j in range(digits_per_player)]
-        mask = np.isin(digits.target, held) & kept[variant]
+        player_digits = [(i + j) % 10 for j in range(digits_per_player)]
+        mask = np.isin(digits.target, player_digits) & above_margin[variant]
         features = variants[variant][mask]
-        name = f"{i}:digits{held}:{transformations[variant]}"
+        name = f"{i}:digits{player_digits}:{transformations[variant]}"
         players.append(PoolPlayer(features, reference.predict(features), name=name))
     return players, reference

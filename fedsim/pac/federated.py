@@ -1,7 +1,7 @@
 """FedAvg maths for a federated round hypothesis, and the certification rule that guards it.
 
-When client i trains on its n_i fresh samples and FedAvg weights it by n_i, the weighted sum
-Σ_i (n_i/m)·L̂_i(θ) is the empirical risk on the round's mixture sample, so one full-batch
+Client i trains on its n_i fresh samples and FedAvg weights it by n_i. The weighted sum
+Σ_i (n_i/m)·L̂_i(θ) is then the empirical risk on the round's mixture sample. So one full-batch
 gradient step per client (FedSGD) equals one centralized gradient step on the pooled sample.
 Several local steps on non-IID clients drift apart, so the round hypothesis needs
 certification: it is accepted when its pooled error on fresh mixture draws is ≤ ε1/32.
