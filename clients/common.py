@@ -19,6 +19,7 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedsim.models import build_model
+from fedsim.records import to_torch_state_dict
 from fedsim.partition import ClientData, client_data
 
 __all__ = [
@@ -38,15 +39,32 @@ SPEC_RUN_CONFIG_KEY = "fedsim-spec"
 """Run-config key that carries the run spec as JSON under Flower's deployment engine."""
 
 
+_SPECS: dict[str, dict[str, Any]] = {}
+_SPECS_LOCK = threading.Lock()
+
+
+def _parse_spec(text: str) -> dict[str, Any]:
+    # Every message of a run carries the same spec, so parse it once per process.
+    with _SPECS_LOCK:
+        spec = _SPECS.get(text)
+        if spec is None:
+            if len(_SPECS) >= 4:
+                _SPECS.clear()
+                _CLIENT_DATA.clear()
+            spec = _SPECS[text] = json.loads(text)
+        return spec
+
+
 def read_spec(message: Message, context: Context) -> dict[str, Any]:
     """Return the run spec from ``message`` or, failing that, from the run config.
 
-    Raises ``KeyError`` naming both places when neither carries it.
+    The dict is shared between calls: read it, do not change it. Raises ``KeyError`` naming
+    both places when neither carries the spec.
     """
     if SPEC_RECORD in message.content.config_records:
-        return json.loads(str(message.content.config_records[SPEC_RECORD]["spec"]))
+        return _parse_spec(str(message.content.config_records[SPEC_RECORD]["spec"]))
     if SPEC_RUN_CONFIG_KEY in context.run_config:
-        return json.loads(str(context.run_config[SPEC_RUN_CONFIG_KEY]))
+        return _parse_spec(str(context.run_config[SPEC_RUN_CONFIG_KEY]))
     raise KeyError(
         f"no run spec: the message has no {SPEC_RECORD!r} config record and the run config has "
         f"no {SPEC_RUN_CONFIG_KEY!r} key; set {SPEC_RUN_CONFIG_KEY} in the app's run config"
@@ -73,10 +91,19 @@ def _set_threads(spec: dict[str, Any]) -> None:
         _THREADS_SET.value = threads
 
 
+_CLIENT_DATA: dict[tuple[int, int], ClientData] = {}
+
+
 def get_client_data(spec: dict[str, Any], context: Context) -> ClientData:
     """Return this node's train and test split (built once per process and cached)."""
     _set_threads(spec)
-    return client_data(spec["data"], int(spec["seed"]), partition_id(context))
+    key = (id(spec), partition_id(context))
+    data = _CLIENT_DATA.get(key)
+    if data is None:
+        data = client_data(spec["data"], int(spec["seed"]), key[1])
+        if any(s is spec for s in _SPECS.values()):  # only specs held by the cache have stable ids
+            _CLIENT_DATA[key] = data
+    return data
 
 
 _MODELS = threading.local()
@@ -102,7 +129,7 @@ def build_client_model(spec: dict[str, Any], data: ClientData) -> nn.Module:
 
 def load_arrays(model: nn.Module, arrays: ArrayRecord) -> None:
     """Load ``arrays`` into ``model``; raises ``ValueError`` naming the keys that do not match."""
-    state = arrays.to_torch_state_dict()
+    state = to_torch_state_dict(arrays)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -6,9 +6,10 @@ Local training settings come from the ``client`` section of the run spec; a ``lr
 
 from __future__ import annotations
 
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedsim.clients.common import build_client_model, get_client_data, load_arrays, new_client_app, read_spec
+from fedsim.records import array_record_from_torch
 from fedsim.seeding import torch_generator
 from fedsim.training import evaluate_model, make_optimizer, train_model
 
@@ -44,7 +45,8 @@ def train(message: Message, context: Context) -> Message:
     )
 
     metrics = MetricRecord({"train_loss": result.loss, "num-examples": result.num_examples})
-    return Message(RecordDict({"arrays": ArrayRecord(model.state_dict()), "metrics": metrics}), reply_to=message)
+    arrays = array_record_from_torch(model.state_dict())
+    return Message(RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=message)
 
 
 @app.evaluate()

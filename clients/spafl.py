@@ -37,11 +37,11 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from fedsim.clients.common import get_client_data, new_client_app, read_spec
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from torch import nn
 
 from fedsim.client_state import load_client_state, save_client_state
-from fedsim.clients.common import get_client_data, new_client_app, read_spec
 from fedsim.models import build_model
 from fedsim.partition import ClientData
 from fedsim.seeding import torch_generator

@@ -33,12 +33,12 @@ def _build_parser() -> argparse.ArgumentParser:
 
     simulate = commands.add_parser("simulate", help="run a config and write its run folder")
     simulate.add_argument("config", help="YAML run config")
-    simulate.add_argument("overrides", nargs="*", help="key=value overrides, e.g. run.rounds=5 backend.name=local")
+    simulate.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. run.rounds=5 backend.name=local")
     simulate.add_argument("--output-dir", help="run folder to write (default: run.output_dir/<name>-<timestamp>)")
 
     validate = commands.add_parser("validate", help="check a config without running it")
     validate.add_argument("config", help="YAML run config")
-    validate.add_argument("overrides", nargs="*", help="key=value overrides")
+    validate.add_argument("overrides", nargs="*", default=[], help="key=value overrides")
 
     listing = commands.add_parser("list", help="list data sets, partitioners, models and strategies")
     listing.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -113,17 +113,23 @@ def _simulate(args: argparse.Namespace) -> int:
         return _fail(str(error))
 
     progress, hook = _progress_hook(config.run.rounds) if config.run.progress else (None, None)
+    started: list[bool] = []
+
+    def start_progress() -> None:
+        progress.start()
+        started.append(True)
+
     try:
         outcome = simulate(
             config,
             run_dir=args.output_dir,
             hooks=[hook] if hook else None,
-            on_start=progress.start if progress is not None else None,
+            on_start=start_progress if progress is not None else None,
         )
     except RunInputError as error:
         return _fail(str(error))
     finally:
-        if progress is not None:
+        if started:
             progress.stop()
 
     final = outcome.summary.get("final", {})

@@ -202,7 +202,7 @@ def strategy_sections() -> dict[str, type[StrategySection]]:
 
 def _suggest(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _node_keys(config: DictConfig, path: str) -> list[str]:
@@ -219,7 +219,7 @@ def _translate(error: OmegaConfBaseException, schema: DictConfig) -> ConfigError
         valid = _node_keys(schema, parent)
         where = f"under {parent!r}" if parent else "at the top level"
         return ConfigError(
-            f"unknown config key {full_key!r}{_suggest(key, valid)} "
+            f"unknown config key {full_key!r}{_suggest(key, valid)}. "
             f"Valid keys {where}: {', '.join(valid)}"
         )
     if isinstance(error, ValidationError):
@@ -234,7 +234,8 @@ def _read_yaml(path: Path) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as error:  # yaml.YAMLError and OmegaConf errors carry the line
-        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from error
+        reason = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML: {reason}") from error
     if not isinstance(loaded, DictConfig):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
     return loaded
@@ -244,6 +245,9 @@ def _parse_overrides(overrides: Sequence[str]) -> DictConfig:
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"invalid override {item!r}: write key=value, e.g. run.rounds=5")
+        key = item.split("=", 1)[0]
+        if not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"invalid override {item!r}: the key {key!r} has an empty part; write e.g. run.rounds=5")
     try:
         return OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
@@ -264,7 +268,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
     sections = strategy_sections()
     if strategy_name not in sections:
         raise ConfigError(
-            f"invalid value for 'strategy.name': {strategy_name!r}{_suggest(str(strategy_name), list(sections))} "
+            f"invalid value for 'strategy.name': {strategy_name!r}{_suggest(str(strategy_name), list(sections))}. "
             f"Allowed: {', '.join(sorted(sections))}"
         )
 
@@ -287,7 +291,7 @@ def _check(condition: bool, key: str, value: object, expected: str) -> None:
 def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ConfigError(
-            f"invalid value for {key!r}: {value!r}{_suggest(value, allowed)} "
+            f"invalid value for {key!r}: {value!r}{_suggest(value, allowed)}. "
             f"Allowed: {', '.join(allowed)}"
         )
 

@@ -107,12 +107,17 @@ def read_idx(path: str | Path) -> np.ndarray:
     """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as stream:
-        raw = stream.read()
+    try:
+        with opener(path, "rb") as stream:
+            raw = stream.read()
+    except (EOFError, gzip.BadGzipFile, OSError) as error:
+        raise DataFileError(f"{str(path)!r} cannot be read: {error}; the file is truncated or not gzip data") from error
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataFileError(f"{str(path)!r} is not an IDX file (bad magic number)")
     ndim = raw[3]
     header_size = 4 + 4 * ndim
+    if len(raw) < header_size:
+        raise DataFileError(f"{str(path)!r} is truncated: its header needs {header_size} bytes, the file has {len(raw)}")
     shape = struct.unpack(f">{ndim}I", raw[4:header_size])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
@@ -187,6 +192,8 @@ def read_cifar_batch(path: str | Path) -> dict[str, np.ndarray]:
             batch = _ArrayOnlyUnpickler(stream, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as error:
         raise DataFileError(f"{str(path)!r} is not a CIFAR python batch: {error}") from error
+    if not isinstance(batch, dict):
+        raise DataFileError(f"{str(path)!r} is not a CIFAR python batch: expected a dict, got {type(batch).__name__}")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in batch.items()}
 
 

@@ -42,10 +42,20 @@ def json_safe(value: Any) -> Any:
     return value
 
 
+def _default_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename.
+
+    The file gets the permissions a plain ``open`` would give it (``mkstemp`` makes it 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(temporary, _default_mode())
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)

@@ -15,6 +15,7 @@ from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.supercore import log
 
+from fedsim.records import to_numpy
 from fedsim.seeding import numpy_rng
 
 __all__ = [
@@ -123,7 +124,7 @@ def nonfinite_reason(content: RecordDict) -> str | None:
     """Return why ``content`` holds a NaN or infinite array value or metric, or None if it does not."""
     for record_name, record in content.array_records.items():
         for key, array in record.items():
-            values = array.numpy()
+            values = to_numpy(array)
             if values.dtype.kind in "fc" and not np.all(np.isfinite(values)):
                 bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
                 return f"array '{record_name}/{key}' has {bad} NaN or infinite values"

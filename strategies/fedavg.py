@@ -11,22 +11,32 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
 from flwr.supercore import log
 
+from fedsim.records import array_record_from_numpy, to_numpy_dict
 from fedsim.strategies.common import (
     nonfinite_reason,
     ordered_node_ids,
     sample_node_ids,
     sample_size,
     sort_replies,
+    split_replies,
     unweighted_mean,
     weighted_metrics,
 )
 
 __all__ = ["FedAvg"]
+
+
+def _weight(content: RecordDict, key: str) -> float | None:
+    for record in content.metric_records.values():
+        if key in record:
+            return float(record[key])  # type: ignore[arg-type]
+    return None
 
 
 class FedAvg(FlowerFedAvg):
@@ -118,9 +128,39 @@ class FedAvg(FlowerFedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Average the arrays of valid replies weighted by ``weighted_by_key``, in partition order."""
-        valid = self._finite_in_order(replies, "aggregate_train")
-        return super().aggregate_train(server_round, valid)
+        """Average the arrays of valid replies weighted by ``weighted_by_key``, in partition order.
+
+        The average is a running float64 sum, so memory does not grow with the number of
+        replies, and it is cast back to each array's dtype. A reply whose arrays differ in names
+        or shapes from the first valid reply is rejected with a warning.
+        """
+        valid, failed = split_replies(self._finite_in_order(replies, "aggregate_train"), "aggregate_train")
+        log(INFO, "aggregate_train: received %d results and %d failures", len(valid), len(failed))
+        sums: dict[str, np.ndarray] = {}
+        layout: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        total = 0.0
+        kept = []
+        for message in valid:
+            content = message.content
+            arrays = to_numpy_dict(content.array_records[self.arrayrecord_key]) if self.arrayrecord_key in content.array_records else None
+            weight = _weight(content, self.weighted_by_key)
+            if arrays is None or weight is None:
+                log(WARNING, "aggregate_train: node %d sent no '%s' arrays or no '%s' metric", message.metadata.src_node_id, self.arrayrecord_key, self.weighted_by_key)
+                continue
+            if not layout:
+                layout = {key: (values.dtype, values.shape) for key, values in arrays.items()}
+                sums = {key: np.zeros(shape, dtype=np.float64) for key, (_, shape) in layout.items()}
+            if {key: (values.dtype, values.shape) for key, values in arrays.items()} != layout:
+                log(WARNING, "aggregate_train: rejected node %d: its arrays differ in names or shapes", message.metadata.src_node_id)
+                continue
+            for key, values in arrays.items():
+                sums[key] += weight * values
+            total += weight
+            kept.append(content)
+        if not kept or total <= 0:
+            return None, None
+        averaged = {key: (sums[key] / total).astype(dtype) for key, (dtype, _) in layout.items()}
+        return array_record_from_numpy(averaged), weighted_metrics(kept, self.weighted_by_key)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         """Average evaluation metrics weighted by examples, plus the unweighted personalized accuracy."""

@@ -42,6 +42,14 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+from fedsim.strategies.common import (
+    nonfinite_reason,
+    ordered_node_ids,
+    sample_node_ids,
+    sample_size,
+    sort_replies,
+    split_replies,
+)
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -56,14 +64,6 @@ from flwr.serverapp.strategy import Result, Strategy
 from flwr.supercore import log
 
 from fedsim.sparse import DIVISORS, SIGN_MODES, STE_MODES, mean_thresholds, threshold_delta
-from fedsim.strategies.common import (
-    nonfinite_reason,
-    ordered_node_ids,
-    sample_node_ids,
-    sample_size,
-    sort_replies,
-    split_replies,
-)
 
 __all__ = ["AGG_WEIGHTINGS", "TH_UPDATE_MODES", "SpaFL", "thresholds_to_record"]
 

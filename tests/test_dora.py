@@ -158,6 +158,29 @@ def test_factored_norm_cached_weight_sq():
     torch.testing.assert_close(actual, _dense_norm(weight, lora_A, lora_B, 1.5), rtol=1e-12, atol=0)
 
 
+def test_factored_norm_chunk_independent():
+    weight, lora_A, lora_B = _random_factors(21, 64, 5)
+
+    results = [
+        factored_row_norm(weight, lora_A, lora_B, 0.9, chunk_columns=chunk) for chunk in (1, 3, 64)
+    ]
+
+    for result in results[1:]:
+        torch.testing.assert_close(result, results[0], rtol=1e-14, atol=0)
+
+
+def test_factored_norm_factor_invariances():
+    weight, lora_A, lora_B = _random_factors(13, 17, 4)
+    permutation = torch.tensor([2, 0, 3, 1])
+    expected = factored_row_norm(weight, lora_A, lora_B, 0.6)
+
+    permuted = factored_row_norm(weight, lora_A[permutation], lora_B[:, permutation], 0.6)
+    rescaled = factored_row_norm(weight, 3.0 * lora_A, lora_B / 3.0, 0.6)
+
+    torch.testing.assert_close(permuted, expected, rtol=1e-13, atol=0)
+    torch.testing.assert_close(rescaled, expected, rtol=1e-13, atol=0)
+
+
 def test_dense_norm_matches_reference():
     weight, lora_A, lora_B = _random_factors(17, 19, 5)
 
@@ -293,6 +316,17 @@ def test_training_mode_recomputes_norm():
     layer = _trained_layer().train()
 
     assert layer.weight_norm() is not layer.weight_norm()
+
+
+def test_no_grad_forward_matches_grad_forward():
+    layer = _trained_layer()
+    x = torch.randn(4, 24, dtype=F64)
+    expected = layer(x).detach()
+
+    with torch.no_grad():
+        actual = layer(x)
+
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0)
 
 
 def test_leading_dims_preserved():

@@ -83,6 +83,11 @@ def test_wrap_no_match_raises():
         wrap_linear_modules(_model(), r"decoder\..*", r=2, alpha=2)
 
 
+def test_wrap_never_replaces_root():
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        wrap_linear_modules(nn.Linear(4, 4), r".*", r=1, alpha=1)
+
+
 def test_wrap_twice_skips_wrapped_layers():
     model = _model()
     wrap_linear_modules(model, r".*q_proj", r=2, alpha=2)

@@ -73,7 +73,8 @@ def test_summarize_final() -> None:
 def test_summarize_last10_mean() -> None:
     summary = summarize(rows_for_summary())
 
-    # Rounds 3-12: accuracy 0.20 ... 0.65, mean (0.20 + 0.65) / 2 = 0.425; loss 10 ... 1, mean 5.5.
+    # Rounds 3-12 have accuracy 0.20 ... 0.65 with mean (0.20 + 0.65) / 2 = 0.425.
+    # Their loss runs 10 ... 1 with mean 5.5.
     assert summary["last10_mean"]["centralized_accuracy"] == pytest.approx(0.425)
     assert summary["last10_mean"]["train_loss"] == pytest.approx(5.5)
 
@@ -204,7 +205,6 @@ def test_write_summary_failed_replace_keeps_old(tmp_path: Path, monkeypatch: pyt
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
 
 
-@pytest.mark.xfail(strict=True, reason="write_atomic keeps mkstemp's 0600 mode instead of the umask default")
 def test_write_summary_file_mode(tmp_path: Path) -> None:
     folder = RunFolder(tmp_path)
     plain = tmp_path / "plain.txt"

@@ -18,7 +18,7 @@ def test_derive_seed_repeatable() -> None:
 
 
 def test_derive_seed_same_in_new_process() -> None:
-    # Python salts str hashes per process; the derived seed must not depend on that salt.
+    # Python salts str hashes per process, so the derived seed must not depend on hash().
     code = "from fedsim.seeding import derive_seed; print(derive_seed(7, 'client-shuffle', 3, 2))"
     result = subprocess.run(
         [sys.executable, "-c", code],

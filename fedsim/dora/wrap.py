@@ -95,7 +95,8 @@ def wrap_linear_modules(
 
     Raises:
         ValueError: if no ``nn.Linear`` matches. Linears already inside a :class:`DoRALinear` are
-            never wrapped again.
+            never wrapped again, and ``model`` itself is never replaced (wrap a bare ``nn.Linear``
+            with :meth:`DoRALinear.from_linear`).
     """
     matches = _matcher(pattern, syntax)
     inside_adapters = {
@@ -104,7 +105,7 @@ def wrap_linear_modules(
     targets = [
         name
         for name, module in model.named_modules()
-        if type(module) is nn.Linear and name not in inside_adapters and matches(name)
+        if name and type(module) is nn.Linear and name not in inside_adapters and matches(name)
     ]
     if not targets:
         linear_names = [name for name, module in model.named_modules() if type(module) is nn.Linear]

@@ -6,15 +6,20 @@ under Flower's simulation engine. Each node has one ``Context`` that persists ac
 with ``partition-id`` and ``num-partitions`` in its node config, as Flower's simulation assigns
 them (node ``i`` of ``n`` holds partition ``i``).
 
-Client calls run in a single worker thread so that a call exceeding the timeout can be reported
-as timed out: Python cannot stop a thread, so a hung call is abandoned and keeps running in the
-background while the round goes on. A ``breakpoint()`` in a client handler stops in the terminal,
-because the worker thread shares the process's standard input and output.
+Client calls run in the calling thread, so a ``breakpoint()`` in a client handler stops in the
+terminal like in any script. When that thread is the main thread, a call that exceeds the
+round timeout is interrupted by a ``SIGALRM`` timer and reported as timed out (raise
+``strategy.round_timeout_s`` while you sit in the debugger). Elsewhere, where signals cannot be
+used, calls run in one worker thread instead: Python cannot stop a thread, so a hung call is
+abandoned there and keeps running in the background while the round goes on. The thread hand-off
+costs about a millisecond per call, which is why it is not the default.
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 import time
 import traceback
 from collections.abc import Iterable
@@ -44,6 +49,10 @@ from fedsim.seeding import derive_seed
 __all__ = ["LocalGrid", "run_local"]
 
 logger = logging.getLogger("flwr")
+
+
+class _ClientTimeout(BaseException):
+    """A client call ran past its timeout. A ``BaseException``, so client code cannot catch it."""
 
 
 def _copy_content(content: RecordDict) -> RecordDict:
@@ -157,24 +166,49 @@ class LocalGrid(Grid):
     def _call_client(self, message: Message, context: Context) -> Message:
         try:
             return self.client_app(message, context)
+        except _ClientTimeout:
+            raise
         except Exception as error:
             # Flower's Ray workers wrap ClientApp errors the same way.
             raise ClientAppException(str(error)) from error
+
+    def _call_in_thread(self, message: Message, context: Context, timeout: float | None) -> Message:
+        future = self._executor.submit(self._call_client, message, context)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            self._executor.shutdown(wait=False)
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsim-client")
+            raise _ClientTimeout from None
+
+    def _call_with_alarm(self, message: Message, context: Context, timeout: float) -> Message:
+        def interrupt(signum: int, frame: object) -> None:
+            raise _ClientTimeout
+
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, max(timeout, 1e-3))
+        try:
+            return self._call_client(message, context)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
 
     def _execute(self, message: Message, timeout: float | None) -> Message | None:
         node_id = message.metadata.dst_node_id
         context = self._contexts[node_id]
         delivered = Message(content=_copy_content(message.content), metadata=copy(message.metadata))
-        future = self._executor.submit(self._call_client, delivered, context)
         try:
-            reply = future.result(timeout=timeout)
-        except FutureTimeout:
+            if timeout is None:
+                reply = self._call_client(delivered, context)
+            elif threading.current_thread() is threading.main_thread():
+                reply = self._call_with_alarm(delivered, context, timeout)
+            else:
+                reply = self._call_in_thread(delivered, context, timeout)
+        except _ClientTimeout:
             logger.error(
                 "client of partition %d (node %d) exceeded the timeout of %.1f s and was abandoned",
                 self._partition_of[node_id], node_id, timeout,
             )
-            self._executor.shutdown(wait=False)
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fedsim-client")
             return None
         except ClientAppException as error:
             logger.error(error)
