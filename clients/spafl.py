@@ -2,7 +2,7 @@
 
 SpaFL (Kim, Saad, Debbah and Hong, "SpaFL: Communication-Efficient Federated Learning with
 Sparse Models and Low Computational Overhead", NeurIPS 2024, arXiv 2406.00431). Every client
-holds a copy of the run's model with each Linear and Conv2d replaced by its threshold-masked form
+keeps a copy of the run's model with each Linear and Conv2d replaced by its threshold-masked form
 (``fedsim.sparse.to_masked``). All clients start from the same seeded initialisation with zero
 thresholds. Weights, batch norm state, local thresholds and the last global thresholds seen are
 stored per partition under ``<run folder>/clients/<partition id>.safetensors``, never sent.
@@ -122,7 +122,7 @@ def masked_client_model(spec: dict[str, Any], data: ClientData) -> MaskedReferen
 class SpaFLClientState:
     """What a client keeps besides its model: the last global thresholds it received.
 
-    ``momentum`` holds SGD momentum buffers by parameter name when the optimizer persists.
+    ``momentum`` contains the SGD momentum buffers by parameter name when the optimizer persists.
     ``rounds_trained`` counts the rounds this client trained in.
     """
 
@@ -152,7 +152,7 @@ def _store(spec: dict[str, Any], data: ClientData, model: nn.Module, state: SpaF
     tensors = {k: v for k, v in model.state_dict().items()}
     tensors.update({SEEN_PREFIX + k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.tau_seen.items()})
     tensors.update({MOMENTUM_PREFIX + k: v for k, v in state.momentum.items()})
-    metadata = {"round": server_round, "rounds_trained": state.rounds_trained}
+    metadata: dict[str, object] = {"round": server_round, "rounds_trained": state.rounds_trained}
     save_client_state(spec["run_dir"], data.partition_id, tensors, metadata)
 
 
@@ -287,8 +287,8 @@ def train(message: Message, context: Context) -> Message:
     server_round = int(cast(int, config.get("server-round", 1)))
     if bool(config.get("threshold-update-only", False)):
         _store(spec, data, model, state, server_round)
-        metrics = MetricRecord({"sign_changes": flips, "threshold_update_only": 1})
-        return Message(RecordDict({METRICS_KEY: metrics}), reply_to=message)
+        acknowledgement = MetricRecord({"sign_changes": flips, "threshold_update_only": 1})
+        return Message(RecordDict({METRICS_KEY: acknowledgement}), reply_to=message)
 
     settings = _TrainSettings.parse(config, spec["client"])
     set_ste(model, cast(SteMode, settings.ste))
@@ -322,7 +322,7 @@ def train(message: Message, context: Context) -> Message:
     state.rounds_trained += 1
     _store(spec, data, model, state, server_round)
 
-    metrics = {
+    metrics: dict[str, Any] = {
         "num-examples": int(len(data.train_y)),
         "train_loss": result.loss,
         **_density_metrics(model),
@@ -354,7 +354,7 @@ def evaluate(message: Message, context: Context) -> Message:
         _store(spec, data, model, state, int(cast(int, config.get("server-round", 0))))
 
     result = evaluate_model(model, data.test_x, data.test_y, task=data.task)
-    metrics = {
+    metrics: dict[str, Any] = {
         "eval_loss": result.loss,
         "eval_accuracy": result.accuracy,
         "num-examples": result.num_examples,

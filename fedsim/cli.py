@@ -1,4 +1,4 @@
-"""Command line: ``python -m fedsim {simulate,validate,list,plot}``.
+"""Command line: ``python -m fedsim {simulate,resume,validate,list,plot}``.
 
 Exit status: 0 on success, 2 on invalid input (one line on standard error, no traceback),
 1 when a run started but failed (the reason is printed and recorded in ``summary.json``).
@@ -35,6 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("config", help="YAML run config")
     simulate.add_argument("overrides", nargs="*", default=[], help="key=value overrides, e.g. run.rounds=5 backend.name=local")
     simulate.add_argument("--output-dir", help="run folder to write (default: run.output_dir/<name>-<timestamp>)")
+    simulate.add_argument("--resume", metavar="RUN_DIR", help="continue this run folder after its last checkpoint (the config must match)")
+
+    resume = commands.add_parser("resume", help="continue a run folder after its last checkpoint")
+    resume.add_argument("run_dir", help="run folder written by 'fedsim simulate'")
 
     validate = commands.add_parser("validate", help="check a config without running it")
     validate.add_argument("config", help="YAML run config")
@@ -103,6 +107,15 @@ def _progress_hook(total_rounds: int) -> tuple[Any, Any]:
     return progress, hook
 
 
+def _resume(args: argparse.Namespace) -> int:
+    config_path = Path(args.run_dir) / "config.yaml"
+    if not config_path.is_file():
+        return _fail(f"{args.run_dir!r} is not a run folder (no config.yaml); pass the folder 'fedsim simulate' wrote")
+    args.config, args.overrides, args.output_dir = str(config_path), [], None
+    args.resume = args.run_dir
+    return _simulate(args)
+
+
 def _simulate(args: argparse.Namespace) -> int:
     from fedsim.config import ConfigError
     from fedsim.runner import RunInputError, simulate
@@ -111,6 +124,8 @@ def _simulate(args: argparse.Namespace) -> int:
         config = _load(args.config, args.overrides)
     except ConfigError as error:
         return _fail(str(error))
+    if args.resume is not None and args.output_dir is not None:
+        return _fail("pass either --resume RUN_DIR or --output-dir DIR, not both")
 
     progress, hook = _progress_hook(config.run.rounds) if config.run.progress else (None, None)
     started: list[bool] = []
@@ -122,9 +137,10 @@ def _simulate(args: argparse.Namespace) -> int:
     try:
         outcome = simulate(
             config,
-            run_dir=args.output_dir,
+            run_dir=args.resume if args.resume is not None else args.output_dir,
             hooks=[hook] if hook else None,
             on_start=start_progress if progress is not None else None,
+            resume=args.resume is not None,
         )
     except RunInputError as error:
         return _fail(str(error))
@@ -213,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_environment()
     args = _build_parser().parse_args(argv)
     _configure_logging(args.verbose)
-    handlers = {"simulate": _simulate, "validate": _validate, "list": _list, "plot": _plot}
+    handlers = {"simulate": _simulate, "resume": _resume, "validate": _validate, "list": _list, "plot": _plot}
     return handlers[args.command](args)
 
 

@@ -70,20 +70,34 @@ class RoundRecorder:
         self._evaluate: MetricRecord | None = None
 
     def attach(self, strategy: Strategy) -> None:
-        """Wrap ``strategy``'s aggregation methods on the instance to capture their metrics."""
-        aggregate_train = strategy.aggregate_train
-        aggregate_evaluate = strategy.aggregate_evaluate
+        """Wrap ``strategy``'s round methods on the instance to capture their metrics.
+
+        On a resumed run ``Strategy.start`` counts rounds from 1 again, so the wrappers also add
+        ``round_offset``: the strategy sees the same round numbers, and so draws the same
+        samples, as in the uninterrupted run.
+        """
+        offset = self.round_offset
+        configure_train, configure_evaluate = strategy.configure_train, strategy.configure_evaluate
+        aggregate_train, aggregate_evaluate = strategy.aggregate_train, strategy.aggregate_evaluate
+
+        def shifted_configure_train(server_round: int, *args: Any, **kwargs: Any) -> Any:
+            return configure_train(server_round + offset, *args, **kwargs)
+
+        def shifted_configure_evaluate(server_round: int, *args: Any, **kwargs: Any) -> Any:
+            return configure_evaluate(server_round + offset, *args, **kwargs)
 
         def recorded_aggregate_train(server_round: int, replies: Any) -> Any:
-            arrays, metrics = aggregate_train(server_round, replies)
+            arrays, metrics = aggregate_train(server_round + offset, replies)
             self._train = metrics
             return arrays, metrics
 
         def recorded_aggregate_evaluate(server_round: int, replies: Any) -> Any:
-            metrics = aggregate_evaluate(server_round, replies)
+            metrics = aggregate_evaluate(server_round + offset, replies)
             self._evaluate = metrics
             return metrics
 
+        strategy.configure_train = shifted_configure_train  # type: ignore[method-assign]
+        strategy.configure_evaluate = shifted_configure_evaluate  # type: ignore[method-assign]
         strategy.aggregate_train = recorded_aggregate_train  # type: ignore[method-assign]
         strategy.aggregate_evaluate = recorded_aggregate_evaluate  # type: ignore[method-assign]
 

@@ -17,10 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flwr.app import ConfigRecord, Context
+from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
+from fedsim import __version__
 from fedsim.accounting import AccountingGrid, TooManyFailuresError
+from fedsim.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    describe_difference,
+    latest_checkpoint,
+    restore_client_state,
+    write_checkpoint,
+)
 from fedsim.config import RunConfig, to_dict, to_yaml
 from fedsim.datasets import DataFileError
 from fedsim.engine.environment import prepare_environment
@@ -106,28 +115,41 @@ def simulate(
     run_dir: str | Path | None = None,
     hooks: list[RoundHook] | None = None,
     on_start: Callable[[], None] | None = None,
+    resume: bool = False,
 ) -> RunOutcome:
     """Run ``config`` to the end and write its run folder.
 
     ``run_dir`` overrides ``run.output_dir/<name>-<timestamp>``. ``hooks`` run after each
     round's row is written, with ``(round, arrays, row)``; ``on_start`` runs once the input is
-    checked, just before the engine starts. Raises :class:`RunInputError` for bad
-    input found before round 1; any later failure is returned as ``status == "failed"``.
+    checked, just before the engine starts. With ``resume`` the run continues in ``run_dir``
+    after its last checkpoint and ends with the rows an uninterrupted run would have written.
+    Raises :class:`RunInputError` for bad input found before round 1 (including a run folder
+    written by another config or version); any later failure is returned as ``status == "failed"``.
     """
     prepare_environment()
     method = get_method(config.strategy.name)
     info = _data_info(config, {"data": to_dict(config.data)})
     _check_model(config, info)
-
-    folder = RunFolder.create(config.run.output_dir, config.run.name, run_dir)
-    folder.write_config(to_yaml(config))
-    spec = client_spec(config, folder.path)
+    config_yaml = to_yaml(config)
 
     strategy = method.build_strategy(config, info)
     initial_arrays = method.initial_arrays(config, info)
+    if resume:
+        folder, start_round, elapsed_before, initial_arrays = _prepare_resume(config_yaml, run_dir, strategy, initial_arrays)
+    else:
+        folder = RunFolder.create(config.run.output_dir, config.run.name, run_dir)
+        folder.write_config(config_yaml)
+        start_round, elapsed_before = 0, 0.0
+    spec = client_spec(config, folder.path)
+
     central = method.central_evaluation(config, spec, info) if method.central_evaluation else None
     holder: dict[str, AccountingGrid] = {}
-    recorder = RoundRecorder(folder, lambda: holder.get("grid"), central, hooks)
+    round_hooks = list(hooks or [])
+    if config.run.checkpoint_every > 0:
+        round_hooks.insert(0, _checkpoint_hook(config, folder, strategy, config_yaml))
+    recorder = RoundRecorder(
+        folder, lambda: holder.get("grid"), central, round_hooks, round_offset=start_round, elapsed_before=elapsed_before
+    )
     recorder.attach(strategy)
     spec_json = json.dumps(spec, sort_keys=True)
 
@@ -143,11 +165,12 @@ def simulate(
             partition_of=mapping,
             expected_nodes=config.data.num_clients,
         )
+        accounting.current_round = start_round + 1
         holder["grid"] = accounting
         strategy.start(
             grid=accounting,
             initial_arrays=initial_arrays,
-            num_rounds=config.run.rounds,
+            num_rounds=config.run.rounds - start_round,
             timeout=config.strategy.round_timeout_s,
             train_config=ConfigRecord(method.train_config(config)),
             evaluate_config=ConfigRecord(method.evaluate_config(config)),
@@ -156,10 +179,11 @@ def simulate(
 
     if on_start is not None:
         on_start()
-    started = time.perf_counter()
+    started = time.perf_counter() - elapsed_before
     status, error = "completed", None
     try:
-        _run_engine(config, server_app, method.load_client_app())
+        if start_round < config.run.rounds:
+            _run_engine(config, server_app, method.load_client_app())
     except RayResourceError as error:
         raise RunInputError(str(error)) from error
     except TooManyFailuresError as failure:
@@ -179,6 +203,53 @@ def simulate(
     except Exception:  # a plot must never lose a finished run's results
         logger.exception("plotting failed; the metrics and summary are written")
     return RunOutcome(folder, status, summary, rows, error)
+
+
+def _prepare_resume(
+    config_yaml: str, run_dir: str | Path | None, strategy: Any, initial_arrays: ArrayRecord
+) -> tuple[RunFolder, int, float, ArrayRecord]:
+    """Check a run folder against the config, restore its last checkpoint, drop later rows."""
+    if run_dir is None or not (Path(run_dir) / "config.yaml").is_file():
+        raise RunInputError(f"cannot resume {str(run_dir)!r}: it is not a run folder (no config.yaml); pass the folder 'fedsim simulate' wrote")
+    folder = RunFolder(run_dir)
+    stored_yaml = folder.config_path.read_text(encoding="utf-8")
+    if stored_yaml != config_yaml:
+        raise RunInputError(
+            f"cannot resume {str(run_dir)!r}: it was written with a different config "
+            f"({describe_difference(stored_yaml, config_yaml)}); start a new run instead"
+        )
+    checkpoint = latest_checkpoint(folder.path)
+    try:
+        if checkpoint is not None:
+            check_compatible(checkpoint, config_yaml, __version__, stored_yaml)
+    except CheckpointError as error:
+        raise RunInputError(f"cannot resume {str(run_dir)!r}: {error}") from error
+
+    start_round = checkpoint.round if checkpoint is not None else 0
+    folder.truncate_rows(start_round)
+    restore_client_state(folder.path, checkpoint)
+    rows = folder.read_rows()
+    elapsed_before = float(rows[-1].get("wall_s", 0.0)) if rows else 0.0
+    if checkpoint is None:
+        logger.warning("no checkpoint in %s: the run starts again from round 1", folder.path)
+        return folder, 0, 0.0, initial_arrays
+    restore = getattr(strategy, "restore_state", None)
+    if callable(restore):
+        restore(checkpoint.state.get("strategy", {}))
+    logger.info("resuming %s after round %d", folder.path, start_round)
+    return folder, start_round, elapsed_before, checkpoint.arrays
+
+
+def _checkpoint_hook(config: RunConfig, folder: RunFolder, strategy: Any, config_yaml: str) -> RoundHook:
+    every = config.run.checkpoint_every
+
+    def checkpoint(server_round: int, arrays: ArrayRecord, row: dict[str, Any]) -> None:
+        if server_round % every == 0 or server_round == config.run.rounds:
+            state_of = getattr(strategy, "checkpoint_state", None)
+            state = state_of() if callable(state_of) else {}
+            write_checkpoint(folder.path, server_round, arrays, state, config_yaml, __version__)
+
+    return checkpoint
 
 
 def _summary(config: RunConfig, method: Any, rows: list[dict[str, Any]], status: str, error: str | None, wall_s: float, folder: RunFolder) -> dict[str, Any]:

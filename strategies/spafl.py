@@ -16,8 +16,9 @@ One round on Flower's Message API (``t = server_round − 1``):
   - ``lazy`` (default): nothing extra is sent. A sampled client applies τ(t) − τ_seen, the change
     accumulated since it last received thresholds, before training.
   - ``eager_all``: Δτ(t−1) (array record ``"dtau"``) goes to every node, including those not
-    sampled, which only apply it and acknowledge. This is the official CIFAR-10 code's timing
-    (there applied at the end of round t−1, here at the start of round t, before any training).
+    sampled, which only apply it and acknowledge. This is the official CIFAR-10 code's timing,
+    except that the code applies Δτ(t−1) at the end of round t−1 and here it arrives at the start
+    of round t. So here the evaluation of round t−1 sees the weights before Δτ(t−1).
   - ``fmnist_code``: Δτ(t−1) goes to the sampled nodes only, so a client misses the changes of
     rounds it was not sampled in (the official FMNIST code).
   - ``off``: no weight step at all.
@@ -25,8 +26,8 @@ One round on Flower's Message API (``t = server_round − 1``):
 - ``aggregate_train`` checks the replies (same keys and shapes as the global thresholds, float32,
   finite), averages them in partition order (unweighted by default, or weighted by each client's
   number of training examples), and stores Δτ(t).
-- ``configure_evaluate`` asks every ``eval_every`` rounds (and in the last round) the evaluated
-  nodes, all of them by default, to test their own sparse model on their own test split.
+- ``configure_evaluate`` sends evaluation requests every ``eval_every`` rounds and in the last
+  round, to all nodes by default. Each node tests its own sparse model on its own test split.
 - ``aggregate_evaluate`` reports ``personalized_accuracy``, the unweighted mean over clients of
   each client's test accuracy, with its standard deviation and minimum.
 
@@ -68,7 +69,7 @@ from fedsim.sparse import DIVISORS, SIGN_MODES, STE_MODES, mean_thresholds, thre
 __all__ = ["AGG_WEIGHTINGS", "TH_UPDATE_MODES", "SpaFL", "thresholds_to_record"]
 
 TH_UPDATE_MODES: tuple[str, ...] = ("lazy", "eager_all", "fmnist_code", "off")
-"""How clients receive the change of the global thresholds (see the module docstring)."""
+"""Delivery modes of the global threshold change to the clients (see the module docstring)."""
 
 AGG_WEIGHTINGS: tuple[str, ...] = ("uniform", "num_examples")
 """Weighting of the client thresholds in the average."""
@@ -135,8 +136,8 @@ class SpaFL(Strategy):
     ste : str (default: "identity")
         Surrogate gradient of the unit step: ``identity``, ``cifar_code`` or ``clipped``.
     sign_mode, divisor : str (default: "elementwise", "fan_in")
-        Form of the threshold-change weight step w ← w − Δτ · sign / d; ``rowsum`` and
-        ``official`` select the official code's variants.
+        Form of the threshold-change weight step w ← w − Δτ · sign / d. The values ``rowsum``
+        and ``official`` select the official code's variants.
     th_update : str (default: "lazy")
         How Δτ reaches the clients: ``lazy``, ``eager_all``, ``fmnist_code`` or ``off``.
     agg_weighting : str (default: "uniform")
@@ -364,8 +365,8 @@ class SpaFL(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Average the clients' thresholds in partition order and store Δτ(t).
 
-        Replies without thresholds (acknowledgements of ``eager_all`` updates) are counted in
-        ``threshold_update_acks`` only. Invalid replies are logged and left out. When no reply is
+        Replies without thresholds (acknowledgements of ``eager_all`` updates) count in
+        ``threshold_update_acks`` and ``sign_changes`` only. Invalid replies are logged and left out. When no reply is
         usable, the global thresholds stay as they are and Δτ(t) is zero.
         """
         valid, _ = split_replies(sort_replies(replies, self._partition_of), "aggregate_train")
@@ -373,11 +374,13 @@ class SpaFL(Strategy):
             raise RuntimeError("aggregate_train called before configure_train")
 
         acks = 0
+        ack_sign_changes = 0
         kept: list[RecordDict] = []
         for message in valid:
             content = message.content
             if TAU_KEY not in content.array_records:
                 acks += 1
+                ack_sign_changes += int(_client_metrics(content).get("sign_changes", 0))
                 continue
             reason = self._check_reply(content)
             if reason is not None:
@@ -398,6 +401,7 @@ class SpaFL(Strategy):
 
         metrics = _train_metrics(kept, examples)
         metrics.update(_threshold_statistics(new, self.last_delta))
+        metrics["sign_changes"] += ack_sign_changes
         metrics["train_clients"] = len(kept)
         metrics["threshold_update_acks"] = acks
         return thresholds_to_record(new), MetricRecord(metrics)
@@ -456,7 +460,7 @@ def _mean(values: list[float]) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _train_metrics(contents: list[RecordDict], examples: list[float]) -> dict[str, float | int]:
+def _train_metrics(contents: list[RecordDict], examples: list[float]) -> dict[str, Any]:
     """Combine the clients' training metrics.
 
     ``train_loss`` is weighted by training examples, densities are unweighted client means, and
@@ -465,7 +469,7 @@ def _train_metrics(contents: list[RecordDict], examples: list[float]) -> dict[st
     records = [_client_metrics(content) for content in contents]
     losses = _unweighted(records, "train_loss")
     total_examples = sum(examples)
-    metrics: dict[str, float | int] = {"num-examples": int(total_examples)}
+    metrics: dict[str, Any] = {"num-examples": int(total_examples)}
     if losses and total_examples > 0:
         metrics["train_loss"] = float(sum(loss * n for loss, n in zip(losses, examples, strict=True)) / total_examples)
     elif losses:
@@ -494,12 +498,12 @@ def _threshold_statistics(thresholds: Mapping[str, np.ndarray], delta: Mapping[s
     }
 
 
-def _evaluate_metrics(records: list[Mapping[str, Any]]) -> dict[str, float | int]:
+def _evaluate_metrics(records: list[Mapping[str, Any]]) -> dict[str, Any]:
     """Combine evaluation metrics: personalised accuracy over clients and example-weighted means."""
     accuracies = _unweighted(records, "eval_accuracy")
     examples = [float(record.get("num-examples", 0)) for record in records]
     total = sum(examples)
-    metrics: dict[str, float | int] = {"num-examples": int(total), "eval_clients": len(records)}
+    metrics: dict[str, Any] = {"num-examples": int(total), "eval_clients": len(records)}
 
     if accuracies:
         metrics["personalized_accuracy"] = _mean(accuracies)

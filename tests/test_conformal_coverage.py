@@ -71,6 +71,7 @@ def test_exact_gcfcp_covers_every_overlapping_group():
         assert mean[group] >= 1 - alpha - 4 * standard_error[group], (group, mean, standard_error)
 
     # Upper bound for continuous scores: 1 − α + [d · max λ + (Σ λ − min λ)] / P(G).
+    # NOTE: derived by analogy with the unweighted bound of Gibbs, Cherian and Candès, not proven.
     probability = np.mean(group_probabilities, axis=0)
     slack = (len(SYNTHETIC_INTERVALS) * point_weights.max() + w_test - point_weights.min()) / probability
     for group in range(len(SYNTHETIC_INTERVALS)):

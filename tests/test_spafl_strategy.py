@@ -25,6 +25,7 @@ from flwr.app import (
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.config import ConfigError, load_config
+from fedsim.methods.spafl import SpaFLSection
 
 LAYERS = {"0": 3, "2": 2}
 """A stand-in model: two masked layers with 3 and 2 units, so n_τ = 5."""
@@ -230,7 +231,7 @@ def test_costs_are_summed_and_densities_averaged() -> None:
 
 
 def run_round(strategy: SpaFL, grid: StandInGrid, server_round: int, arrays: ArrayRecord, value: float) -> tuple[list[Message], ArrayRecord]:
-    """Configure one round and answer every threshold request with thresholds all equal to ``value``."""
+    """Configure one round and reply to every threshold request with thresholds equal to ``value``."""
     messages = train_messages(strategy, grid, server_round, arrays)
     replies = [
         reply(m, {"0": [value] * 3, "2": [value] * 2}) if "tau" in m.content.array_records else reply(m, None)
@@ -364,6 +365,7 @@ def test_section_rejects_adam_and_eager_pending() -> None:
 def test_section_reads_unquoted_off() -> None:
     config = load_config(None, ["strategy.name=spafl", "strategy.th_update=off"])
 
+    assert isinstance(config.strategy, SpaFLSection)
     assert config.strategy.th_update == "off"
 
 

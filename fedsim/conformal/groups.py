@@ -5,7 +5,7 @@ prespecified groups, which may overlap. The membership vector Φ(x) ∈ {0,1}^d 
 at test time, so groups are defined from the features or from model outputs (such as the
 predicted label), never from the label y.
 
-An atom is a membership pattern that occurs in the data. The calibration linear program sees a
+An atom is a membership pattern that occurs in the data. The calibration linear program uses a
 point only through (score, weight, pattern), so all per-point information beyond the score lives
 in the atom's pattern. Patterns travel as hex keys (``pattern_key``) of their little-endian packed
 bits, the form used inside Flower record keys such as ``atom/<key>/value``.

@@ -2,8 +2,8 @@
 
 SpaFL (Kim, Saad, Debbah and Hong, "SpaFL: Communication-Efficient Federated Learning with
 Sparse Models and Low Computational Overhead", NeurIPS 2024, arXiv 2406.00431) masks every
-Linear and Conv2d layer of the configured model with one trainable threshold per output unit;
-clients keep personal weights and exchange only thresholds. Local training uses the ``client``
+Linear and Conv2d layer of the configured model with one trainable threshold per output unit.
+Clients keep personal weights and exchange only thresholds. Local training uses the ``client``
 section's ``lr``, ``local_epochs``, ``batch_size``, ``momentum`` and ``weight_decay`` with SGD.
 
 The defaults are the method's own choices, not the official code's bugs. Each official-code
