@@ -25,7 +25,7 @@ from typing import Any
 
 __all__ = ["TIMING_COLUMNS", "RunFolder", "json_safe", "summarize", "versions"]
 
-TIMING_COLUMNS = frozenset({"wall_s", "round_s"})
+TIMING_COLUMNS = frozenset({"wall_s", "round_s", "calibration_s"})
 """Columns that measure time and so differ between otherwise identical runs."""
 
 

@@ -184,8 +184,8 @@ def simulate(
     try:
         if start_round < config.run.rounds:
             _run_engine(config, server_app, method.load_client_app())
-    except RayResourceError as error:
-        raise RunInputError(str(error)) from error
+    except RayResourceError as resources:
+        raise RunInputError(str(resources)) from resources
     except TooManyFailuresError as failure:
         status, error = "failed", str(failure)
     except KeyboardInterrupt:

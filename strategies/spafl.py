@@ -18,7 +18,7 @@ One round on Flower's Message API (``t = server_round − 1``):
   - ``eager_all``: Δτ(t−1) (array record ``"dtau"``) goes to every node, including those not
     sampled, which only apply it and acknowledge. This is the official CIFAR-10 code's timing,
     except that the code applies Δτ(t−1) at the end of round t−1 and here it arrives at the start
-    of round t. So here the evaluation of round t−1 sees the weights before Δτ(t−1).
+    of round t. So here the evaluation of round t−1 uses the weights before Δτ(t−1).
   - ``fmnist_code``: Δτ(t−1) goes to the sampled nodes only, so a client misses the changes of
     rounds it was not sampled in (the official FMNIST code).
   - ``off``: no weight step at all.
@@ -231,6 +231,8 @@ class SpaFL(Strategy):
         self.num_rounds: int | None = None
         self.current: dict[str, np.ndarray] | None = None
         self.last_delta: dict[str, np.ndarray] | None = None
+        self.last_round = 0
+        self._resumed = False
         self._partition_of: Callable[[int], int] | None = None
 
     # Settings.
@@ -283,10 +285,18 @@ class SpaFL(Strategy):
         evaluate_config: ConfigRecord | None = None,
         evaluate_fn: Callable[[int, ArrayRecord], MetricRecord | None] | None = None,
     ) -> Result:
-        """Run Flower's round loop, remembering ``num_rounds`` so that the last round is evaluated."""
-        self.num_rounds = num_rounds
-        self.current = None
-        self.last_delta = None
+        """Run Flower's round loop, remembering the last round so that it is evaluated.
+
+        After :meth:`restore_state` the rounds continue from the restored one, so ``num_rounds``
+        counts the remaining rounds, as when a runner resumes a run.
+        """
+        if self._resumed:
+            self._resumed = False
+        else:
+            self.current = None
+            self.last_delta = None
+            self.last_round = 0
+        self.num_rounds = self.last_round + num_rounds
         return super().start(
             grid=grid,
             initial_arrays=initial_arrays,
@@ -296,6 +306,20 @@ class SpaFL(Strategy):
             evaluate_config=evaluate_config,
             evaluate_fn=evaluate_fn,
         )
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Return the state a resumed run needs, as JSON values: the last round and Δτ of it."""
+        delta = None
+        if self.last_delta is not None:
+            delta = {name: values.astype(np.float32).tolist() for name, values in self.last_delta.items()}
+        return {"last_round": self.last_round, "last_delta": delta}
+
+    def restore_state(self, state: Mapping[str, Any]) -> None:
+        """Restore a state from :meth:`checkpoint_state`; the next ``start`` continues after it."""
+        self.last_round = int(state.get("last_round", 0))
+        delta = state.get("last_delta")
+        self.last_delta = None if delta is None else {name: np.asarray(values, dtype=np.float32) for name, values in delta.items()}
+        self._resumed = True
 
     # Training.
     def _sample(self, grid: Grid, fraction: float, minimum: int, purpose: str, server_round: int) -> tuple[list[int], list[int]]:
@@ -372,6 +396,7 @@ class SpaFL(Strategy):
         valid, _ = split_replies(sort_replies(replies, self._partition_of), "aggregate_train")
         if self.current is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        self.last_round = server_round
 
         acks = 0
         ack_sign_changes = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import shutil
 import struct
 from pathlib import Path
 from typing import Any
@@ -213,6 +214,25 @@ def test_seeded_run_is_reproducible(tmp_path: Path) -> None:
     assert first.summary["last10_mean"]["personalized_accuracy"] == pytest.approx(sum(evaluated) / len(evaluated))
     assert first.summary["final"]["density"] == first.rows[-1]["density"]
     assert first.summary["spafl"]["train_flops"] == sum(row["train_flops"] for row in first.rows)
+
+
+def test_resume_after_checkpoint_matches_whole_run(tmp_path: Path) -> None:
+    # eager_all carries Δτ of the previous round across the checkpoint. With eval_every=3, the
+    # last round is evaluated only if the restored strategy has the run's last round number.
+    overrides = [*SMALL, "run.rounds=4", "run.checkpoint_every=1", "strategy.th_update=eager_all", "strategy.eval_every=3"]
+    whole = run(tmp_path, "whole", DIGITS, *overrides)
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    for late in ("round-0003", "round-0004"):
+        shutil.rmtree(tmp_path / "cut" / "checkpoints" / late)
+    (tmp_path / "cut" / "summary.json").unlink()
+
+    config = load_config(DIGITS, [f"run.output_dir={tmp_path}", *overrides])
+    resumed = simulate(config, run_dir=tmp_path / "cut", resume=True)
+
+    assert resumed.status == "completed", resumed.error
+    assert [row["round"] for row in resumed.rows] == [1, 2, 3, 4]
+    assert "personalized_accuracy" in resumed.rows[-1]
+    assert without_timing(resumed.rows) == without_timing(whole.rows)
 
 
 def test_client_state_persists_on_disk(tmp_path: Path) -> None:
