@@ -22,7 +22,7 @@ Requests (config record ``config``: ``mode``, ``seed``, ``round``, ``attempt``, 
 - train, ``fedavg``: run ``local-steps`` full-batch gradient steps of logistic regression from
   the received θ (array record ``arrays``, key ``theta``) on the round's samples, reply with θ.
 - evaluate, ``test`` / ``certify``: count the errors of the received classifier (array record
-  ``hypothesis``, a vote when it holds several) on ``samples`` fresh samples.
+  ``hypothesis``, a vote when it contains several) on ``samples`` fresh samples.
 - evaluate, ``final``: the same on the held-out split, or on ``samples`` fresh draws.
 
 Every draw uses the stream ``derive_rng(seed, round, partition, phase, attempt)``. The player
@@ -41,15 +41,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from fedsim.clients.common import new_client_app, partition_id
+from fedsim.strategies.collab_pac import majority_of
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from numpy.typing import NDArray
 
-from fedsim.clients.common import new_client_app, partition_id
-from fedsim.pac import Phase, PoolPlayer, count_errors, derive_rng, make_digits_players, make_gaussian_players
+from fedsim.pac import (
+    Phase,
+    PoolPlayer,
+    count_errors,
+    derive_rng,
+    make_digits_players,
+    make_gaussian_players,
+)
 from fedsim.pac.algorithms import Player
 from fedsim.pac.federated import local_gradient_descent
 from fedsim.records import array_record_from_numpy, to_numpy
-from fedsim.strategies.collab_pac import majority_of
 
 __all__ = ["LocalDistribution", "app", "build_distributions", "local_distribution"]
 
@@ -138,7 +145,7 @@ def _reply_metrics(context: Context, partition: int, mode: str, drawn: int, **ex
     ledger = _ledger(context)
     phase = LEDGER_OF_MODE[mode]
     ledger[phase] = int(ledger[phase]) + int(drawn)  # type: ignore[arg-type]
-    metrics = {"partition-id": partition, "drawn": int(drawn), **extra}
+    metrics: dict[str, int | float | list[int] | list[float]] = {"partition-id": partition, "drawn": int(drawn), **extra}
     metrics.update({f"ledger-{name}": int(ledger[name]) for name in LEDGER_PHASES})  # type: ignore[arg-type]
     return MetricRecord(metrics)
 

@@ -48,6 +48,7 @@ from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
+from fedsim.strategies.common import ordered_node_ids
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
@@ -84,7 +85,6 @@ from fedsim.pac import (
 from fedsim.pac.core import ALL_PLAYERS
 from fedsim.pac.learners import FlatFeatureClassifier
 from fedsim.records import array_record_from_numpy, to_numpy
-from fedsim.strategies.common import ordered_node_ids
 
 __all__ = [
     "ALGORITHMS",
@@ -136,7 +136,7 @@ class NumpyMLPClassifier:
         """Predict labels, shape (n,), for features X, shape (n, ...)."""
         activation = np.asarray(X, dtype=np.float64).reshape(len(X), -1)
         last = len(self.weights) - 1
-        for index, (weight, bias) in enumerate(zip(self.weights, self.biases)):
+        for index, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
             activation = activation @ weight + bias
             if index < last:
                 activation = np.maximum(activation, 0.0)
@@ -163,14 +163,14 @@ def _hypothesis_arrays(hypothesis: Hypothesis) -> dict[str, NDArray]:
         if model.activation != "relu":
             raise ValueError(f"only ReLU networks can be sent, got activation {model.activation!r}")
         arrays: dict[str, NDArray] = {}
-        for layer, (weight, bias) in enumerate(zip(model.coefs_, model.intercepts_)):
+        for layer, (weight, bias) in enumerate(zip(model.coefs_, model.intercepts_, strict=True)):
             arrays[f"weight{layer}"] = np.asarray(weight, dtype=np.float64)
             arrays[f"bias{layer}"] = np.asarray(bias, dtype=np.float64)
         arrays["classes"] = np.asarray(model.classes_, dtype=np.int64)
         return arrays
     if isinstance(hypothesis, NumpyMLPClassifier):
         arrays = {}
-        for layer, (weight, bias) in enumerate(zip(hypothesis.weights, hypothesis.biases)):
+        for layer, (weight, bias) in enumerate(zip(hypothesis.weights, hypothesis.biases, strict=True)):
             arrays[f"weight{layer}"] = weight
             arrays[f"bias{layer}"] = bias
         arrays["classes"] = hypothesis.classes
@@ -649,7 +649,7 @@ class CollaborativePAC(Strategy):
         received = 0
         arrays: ArrayRecord
         if self.learner_name == "fedavg":
-            thetas = [to_numpy(content[FEDAVG_RECORD]["theta"]) for _, content in checked]
+            thetas = [to_numpy(content.array_records[FEDAVG_RECORD]["theta"]) for _, content in checked]
             counts = [int(self._split[player]) for player, _ in checked]
             for player, content in checked:
                 drawn = int(content.metric_records["train"]["drawn"])  # type: ignore[arg-type]
@@ -769,7 +769,7 @@ class CollaborativePAC(Strategy):
         metrics = self._evaluate_metrics
 
         if mode == "certify":
-            errors = sum(int(content.metric_records["certify"]["errors"]) for _, content in checked)  # type: ignore[arg-type]
+            errors = sum(int(content.metric_records["certify"]["errors"]) for _, content in checked)  # type: ignore[arg-type, misc]
             total = 0
             for player, content in checked:
                 drawn = int(content.metric_records["certify"]["drawn"])  # type: ignore[arg-type]

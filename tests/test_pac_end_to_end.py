@@ -10,14 +10,15 @@ preset). Byte counts use 8 bytes per float64 feature and int64 label.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import fedsim.clients.pac as pac_client
 import numpy as np
 import pytest
 from conftest import strip_timing
 
-import fedsim.clients.pac as pac_client
 from fedsim.config import load_config
 from fedsim.pac import LinearSeparatorLearner, make_gaussian_players, plan_mw, run_mw
 from fedsim.runner import simulate
@@ -131,7 +132,7 @@ def test_blum_personalized_end_to_end(tmp_path: Path) -> None:
     assert outcome.summary["total_samples"] == len(rows) * 80 + sum(tested) * n_test
     assert rows[-1]["client_counted_samples"] == rows[-1]["total_samples"]
     # Served players leave: each round tests only those that failed the round before.
-    for before, after in zip(rows, rows[1:]):
+    for before, after in pairwise(rows):
         assert [f == 1 for f in before["failed"]] == [f != -1 for f in after["failed"]]
 
 

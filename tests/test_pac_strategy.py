@@ -13,13 +13,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedsim.strategies import CollaborativePAC
+from fedsim.strategies.collab_pac import (
+    PlayerReplyError,
+    hypotheses_from_record,
+    hypotheses_to_record,
+    majority_of,
+)
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.config import ConfigError, load_config
 from fedsim.pac import ConstantClassifier, LinearClassifier, LinearSeparatorLearner, MLPLearner
-from fedsim.strategies import CollaborativePAC
-from fedsim.strategies.collab_pac import PlayerReplyError, hypotheses_from_record, hypotheses_to_record, majority_of
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -152,7 +157,7 @@ def test_hypotheses_round_trip() -> None:
 
     decoded = hypotheses_from_record(hypotheses_to_record([linear, network, three_class, constant]))
     probe = rng.standard_normal((500, 5))
-    for original, copy in zip([linear, network, three_class, constant], decoded):
+    for original, copy in zip([linear, network, three_class, constant], decoded, strict=True):
         np.testing.assert_array_equal(copy.predict(probe), original.predict(probe))
 
 
