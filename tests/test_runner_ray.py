@@ -40,3 +40,18 @@ def test_missing_gpu_fails_before_round_one(run_config, tmp_path):
     with pytest.raises(RunInputError, match=r"num_gpus=1 asks for more GPUs per client than exist"):
         simulate(config, run_dir=tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_killed_client_process_is_a_counted_failure(run_config, tmp_path):
+    # "exit" ends the Ray worker process in the middle of the round, as a killed process would.
+    config = run_config(
+        "quickstart.yaml", "run.rounds=3", "run.progress=false", "data.num_clients=4", "strategy.fraction_train=1.0",
+        "strategy.max_failure_fraction=0.5", "strategy.round_timeout_s=120", "backend.name=ray",
+        "faults=[{kind: exit, rounds: [2], partitions: [1]}]",
+    )
+    outcome = simulate(config, run_dir=tmp_path / "run")
+
+    assert outcome.status == "completed", outcome.error
+    assert [row["clients_failed"] for row in outcome.rows] == [0, 1, 0]
+    assert outcome.rows[1]["failures"][0]["partition_id"] == 1
+    assert outcome.rows[2]["clients_ok"] == 4

@@ -91,6 +91,46 @@ def check_resources(settings: RaySettings) -> dict[str, float]:
     return totals
 
 
+def _actor_died(future: Any) -> bool:
+    import ray
+    from ray.exceptions import RayActorError
+
+    ready, _ = ray.wait([future], timeout=0)
+    if not ready:
+        return False
+    try:
+        ray.get(future, timeout=0)
+    except RayActorError:
+        return True
+    except Exception:  # the client raised: its actor is alive and goes back to the pool
+        return False
+    return False
+
+
+def _replace_dead_actors() -> None:
+    """Make Flower's actor pool replace an actor whose process died instead of reusing it.
+
+    In Flower 1.42 ``BasicActorPool.add_actor_back_to_pool`` puts the actor of a finished job
+    back into the pool even when its worker process died (killed, out of memory, ``os._exit``),
+    so every later job sent to it fails and one dead client turns into failures of all later
+    clients. This wraps that method once per process to start a fresh actor in its place.
+    """
+    from flwr.simulation.ray_transport.ray_actor import BasicActorPool
+
+    if getattr(BasicActorPool.add_actor_back_to_pool, "_fedsim_replaces_dead", False):
+        return
+
+    def add_actor_back_to_pool(self: Any, future: Any) -> None:
+        actor = self._future_to_actor.pop(future)
+        if _actor_died(future):
+            logger.warning("a client's Ray worker process died; starting a new actor in its place")
+            actor = self.create_actor_fn()
+        self.pool.append(actor)
+
+    add_actor_back_to_pool._fedsim_replaces_dead = True  # type: ignore[attr-defined]
+    BasicActorPool.add_actor_back_to_pool = add_actor_back_to_pool  # type: ignore[method-assign]
+
+
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, settings: RaySettings) -> None:
     """Run ``server_app`` against ``num_nodes`` Ray-simulated nodes running ``client_app``.
 
@@ -101,6 +141,7 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, settin
     import ray
     from flwr.simulation import run_simulation
 
+    _replace_dead_actors()
     started = _start_ray(settings)
     try:
         totals = check_resources(settings)

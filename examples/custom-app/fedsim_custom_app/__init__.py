@@ -1,0 +1,1 @@
+"""A Flower app that runs fedsim's strategies and client apps under Flower's deployment engine."""
