@@ -46,7 +46,7 @@ class TooManyFailuresError(RuntimeError):
 
 @dataclass
 class RoundTally:
-    """What crossed the grid since the last :meth:`AccountingGrid.take_tally`."""
+    """Bytes and reply outcomes counted since the last :meth:`AccountingGrid.take_tally`."""
 
     bytes_down: int = 0
     bytes_up: int = 0
@@ -117,7 +117,7 @@ class AccountingGrid(Grid):
     """A ``Grid`` that wraps another, with fedsim's byte ledger and reply checks.
 
     ``spec_json`` is attached to every outgoing message as config record ``fedsim``.
-    ``partition_of`` maps node ids to partition ids where the engine knows it; otherwise the
+    ``partition_of`` maps node ids to partition ids where the engine provides it; otherwise the
     grid asks every node once (message type ``query.partition``) before the first exchange.
     """
 

@@ -51,7 +51,7 @@ class RunInputError(ValueError):
 
 @dataclass
 class RunOutcome:
-    """What a run left behind: its folder, status, summary and rows."""
+    """The outcome of a run: its folder, status, summary and metric rows."""
 
     folder: RunFolder
     status: str
@@ -200,7 +200,7 @@ def simulate(
     folder.write_summary(summary)
     try:
         plot_runs([(config.run.name, rows)], folder.path / "plots", extra_columns=method.plot_columns)
-    except Exception:  # a plot must never lose a finished run's results
+    except Exception:  # a failed plot is logged, and the metrics and summary already written stay
         logger.exception("plotting failed; the metrics and summary are written")
     return RunOutcome(folder, status, summary, rows, error)
 

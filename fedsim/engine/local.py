@@ -4,7 +4,7 @@
 one message after another, with real Flower ``Message`` objects carrying the same records as
 under Flower's simulation engine. Each node has one ``Context`` that persists across rounds,
 with ``partition-id`` and ``num-partitions`` in its node config, as Flower's simulation assigns
-them (node ``i`` of ``n`` holds partition ``i``).
+them (node ``i`` of ``n`` gets partition ``i``).
 
 Client calls run in the calling thread, so a ``breakpoint()`` in a client handler stops in the
 terminal like in any script. When that thread is the main thread, a call that exceeds the
@@ -56,8 +56,8 @@ class _ClientTimeout(BaseException):
 
 
 def _copy_content(content: RecordDict) -> RecordDict:
-    # Arrays hold immutable bytes, so copying the containers is enough to keep a client from
-    # changing the records the server still holds, as serialization does under Ray.
+    # Arrays contain immutable bytes, so copying the containers is enough to keep a client from
+    # changing the records the server still uses, as serialization does under Ray.
     copied = RecordDict()
     for name, record in content.items():
         if isinstance(record, ArrayRecord):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -40,6 +41,21 @@ class RaySettings:
     client_gpus: float = 0.0
 
 
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
+    # ray.init keeps retrying an unreachable address for minutes; a plain connect fails at once.
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as error:
+        raise RayResourceError(
+            f"cannot connect to the Ray cluster at backend.address={address!r}: {error}. "
+            "Start it with 'ray start --head' or fix the address"
+        ) from error
+
+
 def _start_ray(settings: RaySettings) -> bool:
     """Start or attach to Ray; return True when this call started it."""
     import ray
@@ -56,6 +72,7 @@ def _start_ray(settings: RaySettings) -> bool:
         "configure_logging": True,
     }
     if settings.address is not None:
+        _check_reachable(settings.address)
         arguments["address"] = settings.address
     else:
         arguments["num_cpus"] = settings.num_cpus if settings.num_cpus is not None else os.cpu_count()

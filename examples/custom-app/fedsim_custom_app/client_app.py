@@ -15,12 +15,11 @@ import json
 import threading
 from pathlib import Path
 
-from flwr.app import Context, Message
-from flwr.clientapp import ClientApp
-
 from fedsim.clients.common import SPEC_RUN_CONFIG_KEY
 from fedsim.clients.fedavg import app as fedavg_app
 from fedsim.clients.spafl import app as spafl_app
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
 
 __all__ = ["METHODS", "app"]
 
@@ -36,11 +35,11 @@ _RUN_SPECS_LOCK = threading.Lock()
 def _spec_for_run(context: Context) -> str:
     """Return the run config's spec with ``run_dir`` made absolute and specific to this run.
 
-    The result is cached per run, so fedsim's clients see the same text for every message and
-    parse it once.
+    The result is cached, so a ClientApp process that handles many messages of one run
+    rewrites the spec once.
     """
     if SPEC_RUN_CONFIG_KEY not in context.run_config:
-        raise KeyError(f"the run config has no {SPEC_RUN_CONFIG_KEY!r} key; set it in [tool.flwr.app.config]")
+        raise KeyError(f"the run config has no {SPEC_RUN_CONFIG_KEY!r} key. Set it in [tool.flwr.app.config]")
     text = str(context.run_config[SPEC_RUN_CONFIG_KEY])
     key = (context.run_id, text)
     with _RUN_SPECS_LOCK:
@@ -53,7 +52,7 @@ def _spec_for_run(context: Context) -> str:
     if num_partitions is not None and int(num_partitions) != num_clients:
         raise ValueError(
             f"the run spec splits the data into data.num_clients={num_clients} partitions, but "
-            f"this SuperNode's node config has num-partitions={num_partitions}; make them equal"
+            f"this SuperNode's node config has num-partitions={num_partitions}. Make them equal"
         )
     base = Path(str(spec.get("run_dir") or "fedsim-client-state")).expanduser().resolve()
     spec["run_dir"] = str(base / f"run-{context.run_id}")
@@ -69,7 +68,7 @@ def _spec_for_run(context: Context) -> str:
 def _method_app(context: Context) -> ClientApp:
     method = str(context.run_config.get("strategy", "fedavg"))
     if method not in METHODS:
-        raise ValueError(f"invalid strategy {method!r} in the run config; expected one of {', '.join(METHODS)}")
+        raise ValueError(f"invalid strategy {method!r} in the run config. Expected one of: {', '.join(METHODS)}")
     return METHODS[method]
 
 

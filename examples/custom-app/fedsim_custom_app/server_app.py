@@ -1,8 +1,8 @@
 """ServerApp that runs fedsim's FedAvg or SpaFL strategy on the SuperNodes of a federation.
 
-Everything comes from the run config (``[tool.flwr.app.config]`` in ``pyproject.toml``,
-overridable with ``flwr run --run-config``): ``strategy`` picks the method and ``fedsim-spec``
-describes the data, model and local training that the clients use. The server reads the same
+Every setting comes from the run config, which is ``[tool.flwr.app.config]`` in
+``pyproject.toml`` with the overrides of ``flwr run --run-config``. ``strategy`` picks the method,
+and ``fedsim-spec`` describes the data, model and local training that the clients use. The server reads the same
 spec to build the initial model, so the arrays it sends fit the clients' models.
 """
 
@@ -13,17 +13,16 @@ import time
 from logging import INFO
 from typing import Any
 
-from flwr.app import ArrayRecord, Context
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import Result, Strategy
-from flwr.supercore import log
-
 from fedsim.clients.common import SPEC_RUN_CONFIG_KEY
 from fedsim.models import build_model
 from fedsim.partition import dataset_info
 from fedsim.sparse import get_thresholds, to_masked
 from fedsim.strategies import FedAvg, SpaFL
 from fedsim.strategies.spafl import thresholds_to_record
+from flwr.app import ArrayRecord, Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Result, Strategy
+from flwr.supercore import log
 
 app = ServerApp()
 
@@ -48,7 +47,7 @@ def _fedavg(config: dict[str, Any], spec: dict[str, Any]) -> tuple[Strategy, Arr
 
 def _spafl(config: dict[str, Any], spec: dict[str, Any]) -> tuple[Strategy, ArrayRecord]:
     # SpaFL sends the local training settings with every request, so they come from the
-    # spec's client section here; the other SpaFL settings keep the strategy's defaults.
+    # spec's client section here. The other SpaFL settings keep the strategy's defaults.
     client = spec["client"]
     strategy = SpaFL(
         fraction_train=float(config["fraction-train"]),
@@ -60,8 +59,8 @@ def _spafl(config: dict[str, Any], spec: dict[str, Any]) -> tuple[Strategy, Arra
         momentum=float(client["momentum"]),
         weight_decay=float(client["weight_decay"]),
     )
-    # SpaFL's global model is one threshold per output unit of each masked layer; to_masked
-    # starts them at zero, as every client's copy of the model does.
+    # SpaFL's global model is one threshold per output unit of each masked layer. to_masked
+    # starts them at zero, as it does in every client's copy of the model.
     return strategy, thresholds_to_record(get_thresholds(to_masked(_run_model(spec))))
 
 
@@ -78,7 +77,7 @@ def _wait_for_nodes(grid: Grid, count: int, timeout_s: float) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"only {connected} of min-nodes={count} SuperNodes connected within "
-                f"node-wait-s={timeout_s} seconds; start more SuperNodes or lower min-nodes"
+                f"node-wait-s={timeout_s} seconds. Start more SuperNodes or lower min-nodes"
             )
         time.sleep(1.0)
 
@@ -88,8 +87,8 @@ def _report(result: Result, num_rounds: int) -> None:
     metrics = result.evaluate_metrics_clientapp.get(num_rounds)
     if metrics is None:
         raise RuntimeError(
-            f"no client returned evaluation metrics in round {num_rounds}; "
-            "the SuperNode logs show the clients' errors"
+            f"no client returned evaluation metrics in round {num_rounds}. "
+            "The SuperNode logs show the clients' errors"
         )
     log(INFO, "final evaluation after round %d: %s", num_rounds, json.dumps(dict(metrics), sort_keys=True))
 
@@ -98,9 +97,9 @@ def _report(result: Result, num_rounds: int) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Build the strategy that ``strategy`` names and run ``num-server-rounds`` rounds."""
     config = dict(context.run_config)
-    method = str(config["strategy"])
+    method = str(config.get("strategy", "fedavg"))
     if method not in BUILDERS:
-        raise ValueError(f"invalid strategy {method!r} in the run config; expected one of {', '.join(BUILDERS)}")
+        raise ValueError(f"invalid strategy {method!r} in the run config. Expected one of: {', '.join(BUILDERS)}")
     spec = json.loads(str(config[SPEC_RUN_CONFIG_KEY]))
     strategy, initial_arrays = BUILDERS[method](config, spec)
 
