@@ -27,13 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fedsim.strategies.common import sample_node_ids, sample_size
 
 from fedsim.config import load_config
 from fedsim.models import build_model
 from fedsim.partition import client_data
 from fedsim.runner import client_spec, simulate
-from fedsim.seeding import numpy_rng, torch_generator
-from fedsim.strategies.common import sample_node_ids, sample_size
+from fedsim.seeding import torch_generator
 from fedsim.training import make_optimizer, train_model
 
 

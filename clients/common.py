@@ -19,8 +19,8 @@ from flwr.clientapp import ClientApp
 from torch import nn
 
 from fedsim.models import build_model
-from fedsim.records import to_torch_state_dict
 from fedsim.partition import ClientData, client_data
+from fedsim.records import to_torch_state_dict
 
 __all__ = [
     "SPEC_RECORD",

@@ -6,9 +6,15 @@ Local training settings come from the ``client`` section of the run spec; a ``lr
 
 from __future__ import annotations
 
+from fedsim.clients.common import (
+    build_client_model,
+    get_client_data,
+    load_arrays,
+    new_client_app,
+    read_spec,
+)
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
-from fedsim.clients.common import build_client_model, get_client_data, load_arrays, new_client_app, read_spec
 from fedsim.records import array_record_from_torch
 from fedsim.seeding import torch_generator
 from fedsim.training import evaluate_model, make_optimizer, train_model

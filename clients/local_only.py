@@ -6,10 +6,10 @@ comparison isolates the effect of communication.
 
 from __future__ import annotations
 
+from fedsim.clients.common import build_client_model, get_client_data, new_client_app, read_spec
 from flwr.app import Context, Message, MetricRecord, RecordDict
 
 from fedsim.client_state import load_client_state, save_client_state
-from fedsim.clients.common import build_client_model, get_client_data, new_client_app, read_spec
 from fedsim.models import build_model
 from fedsim.seeding import torch_generator
 from fedsim.training import evaluate_model, make_optimizer, train_model

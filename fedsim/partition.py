@@ -68,7 +68,11 @@ def partition_indices(
     split that misses the minimum size after Flower Datasets' 10 retries, more classes per
     client than classes).
     """
-    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, PathologicalPartitioner
+    from flwr_datasets.partitioner import (
+        DirichletPartitioner,
+        IidPartitioner,
+        PathologicalPartitioner,
+    )
 
     name = partitioner["name"]
     if len(labels) < num_partitions:

@@ -12,12 +12,6 @@ from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
-from flwr.supercore import log
-
-from fedsim.records import array_record_from_numpy, to_numpy_dict
 from fedsim.strategies.common import (
     nonfinite_reason,
     ordered_node_ids,
@@ -28,6 +22,12 @@ from fedsim.strategies.common import (
     unweighted_mean,
     weighted_metrics,
 )
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg as FlowerFedAvg
+from flwr.supercore import log
+
+from fedsim.records import array_record_from_numpy, to_numpy_dict
 
 __all__ = ["FedAvg"]
 

@@ -9,11 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from logging import INFO
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
-from flwr.supercore import log
-
 from fedsim.strategies.common import (
     ordered_node_ids,
     sample_node_ids,
@@ -23,6 +18,10 @@ from fedsim.strategies.common import (
     unweighted_mean,
     weighted_metrics,
 )
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from flwr.supercore import log
 
 __all__ = ["LocalOnly"]
 

@@ -77,6 +77,10 @@ def test_run_on_two_node_cluster(run_config, tmp_path, monkeypatch):
 
 
 def test_unreachable_cluster_is_input_error(run_config, tmp_path):
-    config = run_config("quickstart.yaml", *COMMON, f"backend.address=127.0.0.1:{_free_port()}")
-    with pytest.raises(RunInputError, match="cannot connect to the Ray cluster"):
-        simulate(config, run_dir=tmp_path / "run")
+    # A bound socket that never listens keeps the port closed and out of other processes' hands.
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        config = run_config("quickstart.yaml", *COMMON, f"backend.address=127.0.0.1:{port}")
+        with pytest.raises(RunInputError, match="cannot connect to the Ray cluster"):
+            simulate(config, run_dir=tmp_path / "run")

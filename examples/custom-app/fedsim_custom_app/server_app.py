@@ -1,9 +1,10 @@
 """ServerApp that runs fedsim's FedAvg or SpaFL strategy on the SuperNodes of a federation.
 
 Every setting comes from the run config, which is ``[tool.flwr.app.config]`` in
-``pyproject.toml`` with the overrides of ``flwr run --run-config``. ``strategy`` picks the method,
-and ``fedsim-spec`` describes the data, model and local training that the clients use. The server reads the same
-spec to build the initial model, so the arrays it sends fit the clients' models.
+``pyproject.toml`` with the overrides of ``flwr run --run-config``. ``strategy`` picks the
+method, and ``fedsim-spec`` describes the data, model and local training that the clients use.
+The server reads the same spec to build the initial model, so the arrays it sends fit the
+clients' models.
 """
 
 from __future__ import annotations
