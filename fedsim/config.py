@@ -32,6 +32,8 @@ __all__ = [
     "RunSection",
     "StrategySection",
     "SyntheticSection",
+    "check_choice",
+    "check_value",
     "load_config",
     "register_strategy_section",
     "strategy_sections",
@@ -283,12 +285,14 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
     return config
 
 
-def _check(condition: bool, key: str, value: object, expected: str) -> None:
+def check_value(condition: bool, key: str, value: object, expected: str) -> None:
+    """Raise :class:`ConfigError` naming ``key``, ``value`` and ``expected`` unless ``condition``."""
     if not condition:
         raise ConfigError(f"invalid value for {key!r}: {value!r}; expected {expected}")
 
 
-def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+def check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
+    """Raise :class:`ConfigError` with the allowed values (and a close match) unless ``value`` is one."""
     if value not in allowed:
         raise ConfigError(
             f"invalid value for {key!r}: {value!r}{_suggest(value, allowed)}. "
@@ -299,7 +303,7 @@ def _check_choice(key: str, value: str, allowed: Sequence[str]) -> None:
 def _check_fraction(key: str, value: float, *, allow_zero: bool = True) -> None:
     low_ok = value >= 0.0 if allow_zero else value > 0.0
     bound = "[0, 1]" if allow_zero else "(0, 1]"
-    _check(math.isfinite(value) and low_ok and value <= 1.0, key, value, f"a number in {bound}")
+    check_value(math.isfinite(value) and low_ok and value <= 1.0, key, value, f"a number in {bound}")
 
 
 def validate(config: RunConfig) -> None:
@@ -308,73 +312,73 @@ def validate(config: RunConfig) -> None:
     strategy, client, backend = config.strategy, config.client, config.backend
     from fedsim.models import MODELS
 
-    _check(run.rounds >= 1, "run.rounds", run.rounds, "an integer >= 1")
-    _check(run.seed >= 0, "run.seed", run.seed, "an integer >= 0")
-    _check(run.checkpoint_every >= 0, "run.checkpoint_every", run.checkpoint_every, "an integer >= 0 (0 turns checkpoints off)")
-    _check(bool(run.name.strip()), "run.name", run.name, "a non-empty name")
-    _check("/" not in run.name, "run.name", run.name, "a name without '/'")
+    check_value(run.rounds >= 1, "run.rounds", run.rounds, "an integer >= 1")
+    check_value(run.seed >= 0, "run.seed", run.seed, "an integer >= 0")
+    check_value(run.checkpoint_every >= 0, "run.checkpoint_every", run.checkpoint_every, "an integer >= 0 (0 turns checkpoints off)")
+    check_value(bool(run.name.strip()), "run.name", run.name, "a non-empty name")
+    check_value("/" not in run.name, "run.name", run.name, "a name without '/'")
 
-    _check_choice("data.dataset", data.dataset, DATASETS)
-    _check(data.num_clients >= 1, "data.num_clients", data.num_clients, "an integer >= 1")
-    _check(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction, "a number in (0, 1)")
+    check_choice("data.dataset", data.dataset, DATASETS)
+    check_value(data.num_clients >= 1, "data.num_clients", data.num_clients, "an integer >= 1")
+    check_value(0.0 < data.test_fraction < 1.0, "data.test_fraction", data.test_fraction, "a number in (0, 1)")
     if data.max_samples is not None:
-        _check(data.max_samples >= data.num_clients, "data.max_samples", data.max_samples, f"null or at least data.num_clients ({data.num_clients})")
+        check_value(data.max_samples >= data.num_clients, "data.max_samples", data.max_samples, f"null or at least data.num_clients ({data.num_clients})")
     if data.dataset in FILE_DATASETS:
-        _check(data.root is not None, "data.root", data.root, f"the folder holding the {data.dataset} files (data set {data.dataset!r} is read from disk)")
+        check_value(data.root is not None, "data.root", data.root, f"the folder holding the {data.dataset} files (data set {data.dataset!r} is read from disk)")
     partitioner = data.partitioner
-    _check_choice("data.partitioner.name", partitioner.name, PARTITIONERS)
+    check_choice("data.partitioner.name", partitioner.name, PARTITIONERS)
     if partitioner.name == "dirichlet":
-        _check(partitioner.alpha > 0 and math.isfinite(partitioner.alpha), "data.partitioner.alpha", partitioner.alpha, "a number > 0")
-        _check(partitioner.min_partition_size >= 0, "data.partitioner.min_partition_size", partitioner.min_partition_size, "an integer >= 0")
+        check_value(partitioner.alpha > 0 and math.isfinite(partitioner.alpha), "data.partitioner.alpha", partitioner.alpha, "a number > 0")
+        check_value(partitioner.min_partition_size >= 0, "data.partitioner.min_partition_size", partitioner.min_partition_size, "an integer >= 0")
     if partitioner.name == "shards":
-        _check(partitioner.classes_per_client >= 1, "data.partitioner.classes_per_client", partitioner.classes_per_client, "an integer >= 1")
+        check_value(partitioner.classes_per_client >= 1, "data.partitioner.classes_per_client", partitioner.classes_per_client, "an integer >= 1")
     synthetic = data.synthetic
-    _check_choice("data.synthetic.task", synthetic.task, ("classification", "regression"))
-    _check(synthetic.num_samples >= data.num_clients * 2, "data.synthetic.num_samples", synthetic.num_samples, f"at least 2 per client ({data.num_clients * 2})")
-    _check(synthetic.num_features >= 1, "data.synthetic.num_features", synthetic.num_features, "an integer >= 1")
-    _check(synthetic.num_classes >= 2, "data.synthetic.num_classes", synthetic.num_classes, "an integer >= 2")
-    _check(synthetic.noise >= 0, "data.synthetic.noise", synthetic.noise, "a number >= 0")
+    check_choice("data.synthetic.task", synthetic.task, ("classification", "regression"))
+    check_value(synthetic.num_samples >= data.num_clients * 2, "data.synthetic.num_samples", synthetic.num_samples, f"at least 2 per client ({data.num_clients * 2})")
+    check_value(synthetic.num_features >= 1, "data.synthetic.num_features", synthetic.num_features, "an integer >= 1")
+    check_value(synthetic.num_classes >= 2, "data.synthetic.num_classes", synthetic.num_classes, "an integer >= 2")
+    check_value(synthetic.noise >= 0, "data.synthetic.noise", synthetic.noise, "a number >= 0")
 
-    _check_choice("model.name", model.name, sorted(MODELS))
-    _check(all(h >= 1 for h in model.hidden), "model.hidden", list(model.hidden), "a list of positive widths")
+    check_choice("model.name", model.name, sorted(MODELS))
+    check_value(all(h >= 1 for h in model.hidden), "model.hidden", list(model.hidden), "a list of positive widths")
 
     _check_fraction("strategy.fraction_train", strategy.fraction_train)
     _check_fraction("strategy.fraction_evaluate", strategy.fraction_evaluate)
     _check_fraction("strategy.max_failure_fraction", strategy.max_failure_fraction)
-    _check(strategy.min_train_nodes >= 0, "strategy.min_train_nodes", strategy.min_train_nodes, "an integer >= 0")
-    _check(strategy.min_evaluate_nodes >= 0, "strategy.min_evaluate_nodes", strategy.min_evaluate_nodes, "an integer >= 0")
+    check_value(strategy.min_train_nodes >= 0, "strategy.min_train_nodes", strategy.min_train_nodes, "an integer >= 0")
+    check_value(strategy.min_evaluate_nodes >= 0, "strategy.min_evaluate_nodes", strategy.min_evaluate_nodes, "an integer >= 0")
     # A minimum above the number of nodes makes Flower wait for nodes that never connect.
     for key in ("min_train_nodes", "min_evaluate_nodes"):
         value = getattr(strategy, key)
-        _check(value <= data.num_clients, f"strategy.{key}", value, f"at most data.num_clients ({data.num_clients}); a larger minimum waits forever")
-    _check(strategy.round_timeout_s > 0, "strategy.round_timeout_s", strategy.round_timeout_s, "a number of seconds > 0")
+        check_value(value <= data.num_clients, f"strategy.{key}", value, f"at most data.num_clients ({data.num_clients}); a larger minimum waits forever")
+    check_value(strategy.round_timeout_s > 0, "strategy.round_timeout_s", strategy.round_timeout_s, "a number of seconds > 0")
 
-    _check(client.local_epochs >= 1, "client.local_epochs", client.local_epochs, "an integer >= 1")
-    _check(client.batch_size >= 1, "client.batch_size", client.batch_size, "an integer >= 1")
-    _check_choice("client.optimizer", client.optimizer, OPTIMIZERS)
-    _check(client.lr > 0 and math.isfinite(client.lr), "client.lr", client.lr, "a learning rate > 0")
-    _check(0.0 <= client.momentum < 1.0, "client.momentum", client.momentum, "a number in [0, 1)")
-    _check(client.weight_decay >= 0, "client.weight_decay", client.weight_decay, "a number >= 0")
+    check_value(client.local_epochs >= 1, "client.local_epochs", client.local_epochs, "an integer >= 1")
+    check_value(client.batch_size >= 1, "client.batch_size", client.batch_size, "an integer >= 1")
+    check_choice("client.optimizer", client.optimizer, OPTIMIZERS)
+    check_value(client.lr > 0 and math.isfinite(client.lr), "client.lr", client.lr, "a learning rate > 0")
+    check_value(0.0 <= client.momentum < 1.0, "client.momentum", client.momentum, "a number in [0, 1)")
+    check_value(client.weight_decay >= 0, "client.weight_decay", client.weight_decay, "a number >= 0")
 
-    _check_choice("backend.name", backend.name, BACKENDS)
+    check_choice("backend.name", backend.name, BACKENDS)
     resources = backend.client_resources
-    _check(resources.num_cpus > 0, "backend.client_resources.num_cpus", resources.num_cpus, "a number of CPUs > 0")
-    _check(resources.num_gpus >= 0, "backend.client_resources.num_gpus", resources.num_gpus, "a number of GPUs >= 0 (fractions share one GPU)")
+    check_value(resources.num_cpus > 0, "backend.client_resources.num_cpus", resources.num_cpus, "a number of CPUs > 0")
+    check_value(resources.num_gpus >= 0, "backend.client_resources.num_gpus", resources.num_gpus, "a number of GPUs >= 0 (fractions share one GPU)")
     if backend.num_cpus is not None:
-        _check(backend.num_cpus >= 1, "backend.num_cpus", backend.num_cpus, "null or an integer >= 1")
+        check_value(backend.num_cpus >= 1, "backend.num_cpus", backend.num_cpus, "null or an integer >= 1")
     if backend.address is not None and backend.name != "ray":
         raise ConfigError(f"'backend.address' is set to {backend.address!r} but 'backend.name' is {backend.name!r}; a cluster address needs backend.name=ray")
 
     for index, fault in enumerate(config.faults):
         key = f"faults[{index}]"
-        _check_choice(f"{key}.kind", fault.kind, ("raise", "nan", "wrong_shape", "hang", "exit"))
-        _check_choice(f"{key}.phase", fault.phase, ("train", "evaluate"))
-        _check(all(r >= 1 for r in fault.rounds), f"{key}.rounds", list(fault.rounds), "round numbers >= 1")
-        _check(all(0 <= p < data.num_clients for p in fault.partitions), f"{key}.partitions", list(fault.partitions), f"partition ids in [0, {data.num_clients})")
+        check_choice(f"{key}.kind", fault.kind, ("raise", "nan", "wrong_shape", "hang", "exit"))
+        check_choice(f"{key}.phase", fault.phase, ("train", "evaluate"))
+        check_value(all(r >= 1 for r in fault.rounds), f"{key}.rounds", list(fault.rounds), "round numbers >= 1")
+        check_value(all(0 <= p < data.num_clients for p in fault.partitions), f"{key}.partitions", list(fault.partitions), f"partition ids in [0, {data.num_clients})")
         if fault.kind == "exit":
-            _check(backend.name == "ray", f"{key}.kind", fault.kind, "'exit' only with backend.name=ray, because the local engine runs clients in the driver process")
+            check_value(backend.name == "ray", f"{key}.kind", fault.kind, "'exit' only with backend.name=ray, because the local engine runs clients in the driver process")
         if fault.kind == "hang":
-            _check(fault.seconds > 0, f"{key}.seconds", fault.seconds, "a number of seconds > 0")
+            check_value(fault.seconds > 0, f"{key}.seconds", fault.seconds, "a number of seconds > 0")
 
     check_strategy = getattr(strategy, "validate", None)
     if callable(check_strategy):

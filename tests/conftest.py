@@ -44,3 +44,33 @@ def run_config(tmp_path: Path) -> Callable[..., Any]:
         return load_config(path, [f"run.output_dir={tmp_path / 'runs'}", *overrides])
 
     return build
+
+
+@pytest.fixture
+def message_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let ``Message`` be built outside a running Flower process, as strategy unit tests need."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+class StandInGrid:
+    """Nodes 101..(100+n) holding partitions 0..n-1: the grid methods a strategy calls.
+
+    ``get_node_ids`` returns them in reverse, so a strategy that ignores the partition order
+    fedsim's grids provide samples differently and fails its test.
+    """
+
+    def __init__(self, num_nodes: int) -> None:
+        self.nodes = [101 + pid for pid in range(num_nodes)]
+
+    def get_node_ids(self) -> list[int]:
+        return list(reversed(self.nodes))
+
+    def node_ids_in_partition_order(self) -> list[int]:
+        return list(self.nodes)
+
+    def partition_of(self, node_id: int) -> int:
+        return int(node_id) - 101

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import StandInGrid
 from fedsim.strategies import GCFCP
 from fedsim.strategies.gcfcp import (
     CALIBRATE_MESSAGE,
@@ -20,7 +21,6 @@ from fedsim.strategies.gcfcp import (
     table_to_record,
 )
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.config import ConfigError, load_config
 from fedsim.conformal import ThresholdTable
@@ -30,28 +30,7 @@ DISJOINT = GroupSpec(kind="intervals", intervals=((0.0, 1.0), (1.0, 2.0)))
 """Two disjoint groups: patterns (0,0), (1,0) and (0,1)."""
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let ``Message`` be built outside a running Flower process."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class StandInGrid:
-    """Nodes 101..(100+n) holding partitions 0..n−1: the grid methods the strategy calls."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.nodes = [101 + pid for pid in range(num_nodes)]
-
-    def get_node_ids(self) -> list[int]:
-        return list(reversed(self.nodes))
-
-    def node_ids_in_partition_order(self) -> list[int]:
-        return list(self.nodes)
-
-    def partition_of(self, node_id: int) -> int:
-        return int(node_id) - 101
+pytestmark = pytest.mark.usefixtures("message_identity")
 
 
 def atoms_reply(request: Message, patterns: list[list[int]], values: list[list[float]], num_points: int | None = None) -> Message:

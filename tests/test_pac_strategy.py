@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import StandInGrid
 from fedsim.strategies import CollaborativePAC
 from fedsim.strategies.collab_pac import (
     PlayerReplyError,
@@ -21,7 +22,6 @@ from fedsim.strategies.collab_pac import (
     majority_of,
 )
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.config import ConfigError, load_config
 from fedsim.pac import ConstantClassifier, LinearClassifier, LinearSeparatorLearner, MLPLearner
@@ -29,28 +29,7 @@ from fedsim.pac import ConstantClassifier, LinearClassifier, LinearSeparatorLear
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let ``Message`` be built outside a running Flower process."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class StandInGrid:
-    """Nodes 101..(100+n) holding partitions 0..n−1: the grid methods the strategy calls."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.nodes = [101 + pid for pid in range(num_nodes)]
-
-    def get_node_ids(self) -> list[int]:
-        return list(reversed(self.nodes))
-
-    def node_ids_in_partition_order(self) -> list[int]:
-        return list(self.nodes)
-
-    def partition_of(self, node_id: int) -> int:
-        return int(node_id) - 101
+pytestmark = pytest.mark.usefixtures("message_identity")
 
 
 def reply_with(message: Message, record: str, **metrics: int) -> Message:

@@ -11,6 +11,7 @@ import math
 
 import numpy as np
 import pytest
+from conftest import StandInGrid
 from fedsim.strategies import SpaFL
 from fedsim.strategies.spafl import thresholds_to_record
 from flwr.app import (
@@ -22,7 +23,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedsim.config import ConfigError, load_config
 from fedsim.methods.spafl import SpaFLSection
@@ -31,28 +31,7 @@ LAYERS = {"0": 3, "2": 2}
 """A stand-in model: two masked layers with 3 and 2 units, so n_τ = 5."""
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Let ``Message`` be built outside a running Flower process."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class StandInGrid:
-    """Nodes 101..(100+n) holding partitions 0..n−1: the grid methods the strategy calls."""
-
-    def __init__(self, num_nodes: int) -> None:
-        self.nodes = [101 + pid for pid in range(num_nodes)]
-
-    def get_node_ids(self) -> list[int]:
-        return list(reversed(self.nodes))
-
-    def node_ids_in_partition_order(self) -> list[int]:
-        return list(self.nodes)
-
-    def partition_of(self, node_id: int) -> int:
-        return int(node_id) - 101
+pytestmark = pytest.mark.usefixtures("message_identity")
 
 
 def zeros() -> ArrayRecord:

@@ -31,7 +31,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.config import ConfigError, RunConfig, StrategySection
+from fedsim.config import ConfigError, RunConfig, StrategySection, check_choice, check_value
 from fedsim.methods.base import DataInfo, Method, register_method
 
 __all__ = ["CollabPACSection", "player_settings", "summarize_collab_pac"]
@@ -48,13 +48,11 @@ TRANSFORMATIONS = ("identity", "shift-right", "shift-down", "dim")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"invalid value for 'strategy.{key}': {value!r}. Allowed: {', '.join(allowed)}")
+    check_choice(f"strategy.{key}", value, allowed)
 
 
 def _require(condition: bool, key: str, value: object, expected: str) -> None:
-    if not condition:
-        raise ConfigError(f"invalid value for 'strategy.{key}': {value!r}; expected {expected}")
+    check_value(condition, f"strategy.{key}", value, expected)
 
 
 def planned_rounds(algorithm: str, k: int) -> int:

@@ -33,7 +33,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.config import ConfigError, RunConfig, StrategySection, to_dict
+from fedsim.config import ConfigError, RunConfig, StrategySection, check_value, to_dict
 from fedsim.methods.base import CentralEvaluation, DataInfo, Method, register_method
 
 __all__ = ["DEVICES", "KERNELS", "DoRASection", "summarize_dora"]
@@ -48,8 +48,7 @@ DEFAULT_TARGETS = [r"blocks\.\d+\.attn\.(q|v)_proj", r"blocks\.\d+\.mlp\.(up|dow
 
 
 def _require(condition: bool, key: str, value: object, expected: str) -> None:
-    if not condition:
-        raise ConfigError(f"invalid value for 'strategy.{key}': {value!r}; expected {expected}")
+    check_value(condition, f"strategy.{key}", value, expected)
 
 
 @dataclass

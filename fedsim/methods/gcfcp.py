@@ -27,7 +27,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.config import ConfigError, RunConfig, StrategySection
+from fedsim.config import ConfigError, RunConfig, StrategySection, check_choice, check_value
 from fedsim.conformal.synthetic import (
     SYNTHETIC_CLIENT_SIZES,
     SYNTHETIC_INTERVALS,
@@ -54,13 +54,11 @@ REPEATED_COLUMNS = (
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"invalid value for 'strategy.{key}': {value!r}. Allowed: {', '.join(allowed)}")
+    check_choice(f"strategy.{key}", value, allowed)
 
 
 def _require(condition: bool, key: str, value: object, expected: str) -> None:
-    if not condition:
-        raise ConfigError(f"invalid value for 'strategy.{key}': {value!r}; expected {expected}")
+    check_value(condition, f"strategy.{key}", value, expected)
 
 
 @dataclass

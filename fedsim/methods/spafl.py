@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp.strategy import Strategy
 
-from fedsim.config import ConfigError, RunConfig, StrategySection
+from fedsim.config import ConfigError, RunConfig, StrategySection, check_choice, check_value
 from fedsim.methods.base import DataInfo, Method, register_method
 from fedsim.methods.fedavg import build_run_model
 from fedsim.sparse import DIVISORS, SIGN_MODES, STE_MODES, get_thresholds, to_masked
@@ -34,13 +34,11 @@ AGG_WEIGHTINGS = ("uniform", "num_examples")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"invalid value for 'strategy.{key}': {value!r}. Allowed: {', '.join(allowed)}")
+    check_choice(f"strategy.{key}", value, allowed)
 
 
 def _require(condition: bool, key: str, value: object, expected: str) -> None:
-    if not condition:
-        raise ConfigError(f"invalid value for 'strategy.{key}': {value!r}; expected {expected}")
+    check_value(condition, f"strategy.{key}", value, expected)
 
 
 @dataclass
