@@ -176,9 +176,10 @@ def _command(name: str) -> str:
     return path
 
 
-@pytest.fixture
-def deployment(tmp_path: Path) -> Iterator[Deployment]:
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     """Start a SuperLink and two SuperNodes on 127.0.0.1 and stop all of them afterwards."""
+    tmp_path = tmp_path_factory.mktemp("deployment")
     superlink_port = _free_port()
     environment = {**os.environ, **QUIET_ENVIRONMENT, "FLWR_HOME": str(tmp_path / "flwr-home")}
     _write_flower_config(tmp_path / "flwr-home", superlink_port)
@@ -263,7 +264,7 @@ def test_example_app_on_superlink_and_supernodes(deployment: Deployment, tmp_pat
     _assert_completed(deployment, app, spafl_run, spafl_output)
     assert "Starting SpaFL strategy" in spafl_output
     for partition in (0, 1):
-        state = tmp_path / f"supernode-{partition}" / "fedsim-client-state" / f"run-{spafl_run}" / "clients" / f"{partition}.safetensors"
+        state = deployment.root / f"supernode-{partition}" / "fedsim-client-state" / f"run-{spafl_run}" / "clients" / f"{partition}.safetensors"
         assert state.is_file(), f"SpaFL client {partition} stored no state at {state}"
 
     not_loopback = {address: name for address, name in deployment.listening_addresses().items() if address[0] != LOOPBACK}
