@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,28 +44,35 @@ _SPECS: dict[str, dict[str, Any]] = {}
 _SPECS_LOCK = threading.Lock()
 
 
-def _parse_spec(text: str) -> dict[str, Any]:
+def _parse_spec(text: str, run_id: int | None = None) -> dict[str, Any]:
     # Every message of a run carries the same spec, so parse it once per process.
+    key = text if run_id is None else f"{run_id}:{text}"
     with _SPECS_LOCK:
-        spec = _SPECS.get(text)
+        spec = _SPECS.get(key)
         if spec is None:
             if len(_SPECS) >= 4:
                 _SPECS.clear()
                 _CLIENT_DATA.clear()
-            spec = _SPECS[text] = json.loads(text)
+            spec = json.loads(text)
+            if run_id is not None and spec.get("run_dir"):
+                # A run config is shared by every run of an app, so per-client state goes
+                # into a folder of its own run.
+                spec["run_dir"] = str(Path(spec["run_dir"]) / f"run-{run_id}")
+            _SPECS[key] = spec
         return spec
 
 
 def read_spec(message: Message, context: Context) -> dict[str, Any]:
     """Return the run spec from ``message`` or, failing that, from the run config.
 
-    The dict is shared between calls: read it, do not change it. Raises ``KeyError`` naming
-    both places when neither carries the spec.
+    The dict is shared between calls: read it, do not change it. A spec from the run config
+    gets ``run-<run id>`` appended to its ``run_dir``, because every run of a deployed app
+    shares that config. Raises ``KeyError`` naming both places when neither carries the spec.
     """
     if SPEC_RECORD in message.content.config_records:
         return _parse_spec(str(message.content.config_records[SPEC_RECORD]["spec"]))
     if SPEC_RUN_CONFIG_KEY in context.run_config:
-        return _parse_spec(str(context.run_config[SPEC_RUN_CONFIG_KEY]))
+        return _parse_spec(str(context.run_config[SPEC_RUN_CONFIG_KEY]), run_id=int(context.run_id))
     raise KeyError(
         f"no run spec: the message has no {SPEC_RECORD!r} config record and the run config has "
         f"no {SPEC_RUN_CONFIG_KEY!r} key; set {SPEC_RUN_CONFIG_KEY} in the app's run config"

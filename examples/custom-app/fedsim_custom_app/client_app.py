@@ -3,8 +3,8 @@
 Flower loads one ClientApp per app, before any run config is known, so this app chooses
 ``fedsim.clients.fedavg.app`` or ``fedsim.clients.spafl.app`` per message from the run
 config's ``strategy``. Before it does, it checks that the spec's ``data.num_clients`` equals
-the SuperNode's ``num-partitions`` and points the spec's ``run_dir`` to ``run-<run id>`` inside
-it. SpaFL clients keep their personal models there, so a new run never starts from the models
+the SuperNode's ``num-partitions`` and makes the spec's ``run_dir`` absolute. fedsim's clients
+keep each run's state in ``run-<run id>`` inside it. SpaFL clients keep their personal models there, so a new run never starts from the models
 that an earlier run left behind.
 """
 
@@ -33,7 +33,7 @@ _RUN_SPECS_LOCK = threading.Lock()
 
 
 def _spec_for_run(context: Context) -> str:
-    """Return the run config's spec with ``run_dir`` made absolute and specific to this run.
+    """Return the run config's spec with ``run_dir`` made absolute (clients add ``run-<run id>``).
 
     The result is cached, so a ClientApp process that handles many messages of one run
     rewrites the spec once.
@@ -55,7 +55,7 @@ def _spec_for_run(context: Context) -> str:
             f"this SuperNode's node config has num-partitions={num_partitions}. Make them equal"
         )
     base = Path(str(spec.get("run_dir") or "fedsim-client-state")).expanduser().resolve()
-    spec["run_dir"] = str(base / f"run-{context.run_id}")
+    spec["run_dir"] = str(base)  # fedsim's clients add run-<run id> to it
     run_text = json.dumps(spec, sort_keys=True)
 
     with _RUN_SPECS_LOCK:
