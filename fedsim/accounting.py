@@ -84,6 +84,25 @@ def _itemsize(dtype: str) -> int:
     return _ITEMSIZES[dtype]
 
 
+def short_reason(reason: str) -> str:
+    """Shorten an error reason to the client's own message on one line.
+
+    Flower wraps a client's exception as ``<class '...ClientAppException'>:<'\nException
+    ClientAppException occurred. Message: <text>'>``, and Ray adds multi-line actor details when
+    a worker process dies; logs and rows keep only the part a user needs.
+    """
+    text = reason
+    marker = "Message: "
+    if "ClientAppException" in text and marker in text:
+        text = text.split(marker, 1)[1]
+        if text.endswith("'>"):
+            text = text[:-2]
+    if "ActorDiedError" in text or "RayActorError" in text:
+        return "the client's Ray worker process died (killed, out of memory or crashed)"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else reason
+
+
 def _category(message_type: str) -> str:
     return message_type.split(".", 1)[0]
 
@@ -286,12 +305,12 @@ class AccountingGrid(Grid):
                     "phase": category,
                     "partition_id": self.partition_of(node_id),
                     "node_id": node_id,
-                    "reason": reply.error.reason,
+                    "reason": short_reason(reply.error.reason or ""),
                 }
                 failed.append(entry)
                 logger.warning(
                     "round %d %s: client of partition %d (node %d) failed: %s",
-                    self.current_round, category, entry["partition_id"], node_id, reply.error.reason,
+                    self.current_round, category, entry["partition_id"], node_id, entry["reason"],
                 )
         self._tally.ok[category] = self._tally.ok.get(category, 0) + len(replies) - len(failed)
         self._tally.failed[category] = self._tally.failed.get(category, 0) + len(failed)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ class _Parser(argparse.ArgumentParser):
     """An argument parser that exits with status 2 and one line, as for any invalid input."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_INVALID, f"fedsim: error: {message} (see 'fedsim {self.prog.split()[-1]} --help')\n")
+        command = self.prog if self.prog.startswith("fedsim") else f"fedsim {self.prog}"
+        self.exit(EXIT_INVALID, f"fedsim: error: {message} (see '{command} --help')\n")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -149,12 +151,21 @@ def _simulate(args: argparse.Namespace) -> int:
             progress.stop()
 
     final = outcome.summary.get("final", {})
-    headline = {k: final[k] for k in ("centralized_accuracy", "personalized_accuracy", "density", "worst_group_coverage") if k in final}
+    headline_keys = ("centralized_accuracy", "personalized_accuracy", "density", "worst_group_coverage", "worst_error", "worst_client_error")
+    headline = {k: final[k] for k in headline_keys if isinstance(final.get(k), (int, float))}
+    for key in ("worst_client_error", "total_samples"):
+        if key not in headline and isinstance(outcome.summary.get(key), (int, float)):
+            headline[key] = outcome.summary[key]
     print(f"run folder: {outcome.folder.path}")
     print(f"status: {outcome.status}; rounds: {outcome.summary['rounds_completed']}/{config.run.rounds}; "
           + "; ".join(f"{k}: {v:.4f}" for k, v in headline.items()))
     if outcome.status != "completed":
         print(f"fedsim: run {outcome.status}: {outcome.error}", file=sys.stderr)
+        if outcome.status == "interrupted":
+            # Everything is written; Flower's and Ray's threads may still wait on each other.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_FAILED)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -230,7 +241,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     handlers = {"simulate": _simulate, "resume": _resume, "validate": _validate, "list": _list, "plot": _plot}
-    return handlers[args.command](args)
+    try:
+        return handlers[args.command](args)
+    except BrokenPipeError:  # output piped into e.g. head, which stopped reading
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -224,10 +224,13 @@ def _translate(error: OmegaConfBaseException, schema: DictConfig) -> ConfigError
             f"unknown config key {full_key!r}{_suggest(key, valid)}. "
             f"Valid keys {where}: {', '.join(valid)}"
         )
-    if isinstance(error, ValidationError):
+    if isinstance(error, ValidationError) and full_key:
         reason = str(getattr(error, "msg", error)).splitlines()[0]
         return ConfigError(f"invalid value for {full_key!r}: {reason}")
-    return ConfigError(f"invalid config at {full_key!r}: {str(error).splitlines()[0]}")
+    reason = str(getattr(error, "msg", error)).splitlines()[0]
+    if not full_key:
+        return ConfigError(f"invalid config: {reason}; a section was given a single value, e.g. write data.partitioner.name=dirichlet, not data.partitioner=dirichlet")
+    return ConfigError(f"invalid config at {full_key!r}: {reason}")
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -280,6 +283,12 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as error:
         raise _translate(error, schema) from error
+    except (TypeError, ValueError) as error:  # OmegaConf raises these for a list given as a mapping
+        raise ConfigError(
+            f"invalid config: {error}; a section or key was given a value of the wrong shape, "
+            "e.g. 'faults' takes a list of {kind, rounds, partitions} and 'data.partitioner' a mapping "
+            "(write data.partitioner.name=dirichlet)"
+        ) from error
     assert isinstance(config, RunConfig)
     validate(config)
     return config
@@ -334,7 +343,7 @@ def validate(config: RunConfig) -> None:
         check_value(partitioner.classes_per_client >= 1, "data.partitioner.classes_per_client", partitioner.classes_per_client, "an integer >= 1")
     synthetic = data.synthetic
     check_choice("data.synthetic.task", synthetic.task, ("classification", "regression"))
-    check_value(synthetic.num_samples >= data.num_clients * 2, "data.synthetic.num_samples", synthetic.num_samples, f"at least 2 per client ({data.num_clients * 2})")
+    check_value(data.dataset != "synthetic" or synthetic.num_samples >= data.num_clients * 2, "data.synthetic.num_samples", synthetic.num_samples, f"at least 2 per client ({data.num_clients * 2})")
     check_value(synthetic.num_features >= 1, "data.synthetic.num_features", synthetic.num_features, "an integer >= 1")
     check_value(synthetic.num_classes >= 2, "data.synthetic.num_classes", synthetic.num_classes, "an integer >= 2")
     check_value(synthetic.noise >= 0, "data.synthetic.noise", synthetic.noise, "a number >= 0")

@@ -75,8 +75,8 @@ def plot_runs(runs: Sequence[tuple[str, list[dict[str, Any]]]], out_dir: str | P
     """
     out = Path(out_dir)
     written = [
-        _figure(runs, _columns(runs, lambda k: "accuracy" in k), "accuracy", out / "accuracy.png"),
-        _figure(runs, _columns(runs, lambda k: "loss" in k), "loss", out / "loss.png"),
+        _figure(runs, _columns(runs, lambda k: k.endswith("accuracy")), "accuracy", out / "accuracy.png"),
+        _figure(runs, _columns(runs, lambda k: k.endswith("loss")), "loss", out / "loss.png"),
         _figure(runs, [c for c in ("bytes_up", "bytes_down") if _columns(runs, lambda k, c=c: k == c)], "cumulative bytes (payload)", out / "bytes.png", cumulative=True),
     ]
     for column in extra_columns:

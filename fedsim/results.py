@@ -171,8 +171,8 @@ def summarize(rows: list[dict[str, Any]], last: int = 10) -> dict[str, Any]:
     """Summarise metric rows: final values, the mean of the last ``last`` values, best values.
 
     ``final`` is the last finite value of each column; ``last10_mean`` averages its last
-    ``last`` finite values; ``best`` gives the maximum of accuracy and coverage columns and the
-    minimum of loss columns, labelled with their round (best-over-rounds is optimistic: report
+    ``last`` finite values; ``best`` gives the maximum of accuracy columns and the minimum of
+    loss columns, labelled with their round (best-over-rounds is optimistic: report
     ``final`` or ``last10_mean``). Byte columns are also summed into ``totals``.
     """
     final: dict[str, Any] = {}
@@ -186,10 +186,10 @@ def summarize(rows: list[dict[str, Any]], last: int = 10) -> dict[str, Any]:
         final[column] = series[-1][1]
         tail = [v for _, v in series[-last:]]
         last_mean[column] = sum(tail) / len(tail)
-        if "accuracy" in column or "coverage" in column:
+        if column.endswith("accuracy"):
             round_, value = max(series, key=lambda item: item[1])
             best[column] = {"value": value, "round": round_}
-        elif "loss" in column:
+        elif column.endswith("loss"):
             round_, value = min(series, key=lambda item: item[1])
             best[column] = {"value": value, "round": round_}
         if "bytes" in column:

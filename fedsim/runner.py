@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -137,6 +138,11 @@ def simulate(
     if resume:
         folder, start_round, elapsed_before, initial_arrays = _prepare_resume(config_yaml, run_dir, strategy, initial_arrays)
     else:
+        if run_dir is not None and ((Path(run_dir) / "metrics.jsonl").exists() or (Path(run_dir) / "config.yaml").exists()):
+            raise RunInputError(
+                f"{str(run_dir)!r} already contains a run; continue it with 'fedsim resume {run_dir}' "
+                "or pass a new folder to --output-dir"
+            )
         folder = RunFolder.create(config.run.output_dir, config.run.name, run_dir)
         folder.write_config(config_yaml)
         start_round, elapsed_before = 0, 0.0
@@ -185,6 +191,8 @@ def simulate(
         if start_round < config.run.rounds:
             _run_engine(config, server_app, method.load_client_app())
     except RayResourceError as resources:
+        if not resume and not folder.read_rows():
+            shutil.rmtree(folder.path, ignore_errors=True)  # nothing ran: leave no half-made folder
         raise RunInputError(str(resources)) from resources
     except TooManyFailuresError as failure:
         status, error = "failed", str(failure)
@@ -225,6 +233,11 @@ def _prepare_resume(
     except CheckpointError as error:
         raise RunInputError(f"cannot resume {str(run_dir)!r}: {error}") from error
 
+    if checkpoint is None and folder.read_rows():
+        raise RunInputError(
+            f"cannot resume {str(run_dir)!r}: it has no checkpoint (run.checkpoint_every was 0), so its "
+            "rounds cannot be continued; start a new run with 'fedsim simulate', with run.checkpoint_every set"
+        )
     start_round = checkpoint.round if checkpoint is not None else 0
     folder.truncate_rows(start_round)
     restore_client_state(folder.path, checkpoint)

@@ -70,6 +70,12 @@ class FedAvg(FlowerFedAvg):
         arrayrecord_key: str = "arrays",
         configrecord_key: str = "config",
     ) -> None:
+        for name, fraction in (("fraction_train", fraction_train), ("fraction_evaluate", fraction_evaluate)):
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {fraction}")
+        for name, minimum in (("min_train_nodes", min_train_nodes), ("min_evaluate_nodes", min_evaluate_nodes)):
+            if minimum < 0:
+                raise ValueError(f"{name} must be >= 0, got {minimum}")
         super().__init__(
             fraction_train=fraction_train,
             fraction_evaluate=fraction_evaluate,

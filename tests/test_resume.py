@@ -89,3 +89,11 @@ def test_resume_cli_rejects_non_run_folder(tmp_path):
     result = _fedsim("resume", str(tmp_path))
     assert result.returncode == 2
     assert "is not a run folder" in result.stderr
+
+
+def test_resume_without_checkpoint_is_rejected(run_config, tmp_path):
+    config = run_config("quickstart.yaml", "backend.name=local", "run.progress=false", "run.rounds=2", "data.num_clients=4")
+    simulate(config, run_dir=tmp_path / "run")
+    with pytest.raises(RunInputError, match=r"has no checkpoint \(run.checkpoint_every was 0\)"):
+        simulate(config, run_dir=tmp_path / "run", resume=True)
+    assert len(read_rows(tmp_path / "run")) == 2

@@ -123,3 +123,22 @@ def test_local_only_baseline_sends_no_arrays(run_config, tmp_path):
 def test_tabular_data_sets_run(run_config, tmp_path, dataset):
     config = run_config(None, *FAST, "run.rounds=1", f"data.dataset={dataset}", "data.partitioner.name=iid")
     assert simulate(config, run_dir=tmp_path / "run").status == "completed"
+
+
+def test_existing_run_folder_is_rejected(run_config, tmp_path):
+    from fedsim.runner import RunInputError
+
+    config = run_config("quickstart.yaml", *FAST, "run.rounds=1")
+    simulate(config, run_dir=tmp_path / "run")
+    with pytest.raises(RunInputError, match="already contains a run; continue it with 'fedsim resume"):
+        simulate(config, run_dir=tmp_path / "run")
+    assert [row["round"] for row in read_rows(tmp_path / "run")] == [1]
+
+
+def test_failure_reason_is_the_client_message(run_config, tmp_path):
+    config = run_config(
+        "quickstart.yaml", *FAST, "run.rounds=1", "strategy.fraction_train=1.0", "strategy.max_failure_fraction=0.5",
+        "faults=[{kind: raise, rounds: [1], partitions: [2]}]",
+    )
+    row = simulate(config, run_dir=tmp_path / "run").rows[0]
+    assert row["failures"][0]["reason"] == "injected fault: partition 2 raises"
