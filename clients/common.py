@@ -1,4 +1,4 @@
-"""What every fedsim client needs: the run spec, its data partition and a model.
+"""Client helpers shared by every method: the run spec, the data partition and the model.
 
 The run spec is a plain dict with the ``data``, ``model`` and ``client`` sections of the run
 config plus ``seed``, ``run_dir`` and ``threads``. fedsim's engines put it, as JSON, into the

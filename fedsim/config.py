@@ -76,7 +76,7 @@ class RunSection:
 
 @dataclass
 class PartitionerSection:
-    """How the data set is split across clients."""
+    """The partitioner that splits the data set across clients."""
 
     name: str = "iid"
     alpha: float = 0.5
@@ -152,7 +152,7 @@ class ClientResources:
 
 @dataclass
 class BackendSection:
-    """Which engine runs the clients, and with what resources."""
+    """The engine that runs the clients, and its resources."""
 
     name: str = "ray"
     address: str | None = None

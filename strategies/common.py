@@ -28,7 +28,7 @@ __all__ = [
 
 
 def ordered_node_ids(grid: Grid) -> list[int]:
-    """Return the grid's node ids in partition order when the grid knows it, else sorted.
+    """Return the grid's node ids in partition order when the grid provides it, else sorted.
 
     fedsim's grids expose ``node_ids_in_partition_order()``; any other Flower grid gives node ids
     without a stable order, so they are sorted to make sampling reproducible.
@@ -121,7 +121,7 @@ def weighted_metrics(contents: Sequence[RecordDict], weight_key: str) -> MetricR
 
 
 def nonfinite_reason(content: RecordDict) -> str | None:
-    """Return why ``content`` holds a NaN or infinite array value or metric, or None if it does not."""
+    """Return why ``content`` contains a NaN or infinite array value or metric, or None if it does not."""
     for record_name, record in content.array_records.items():
         for key, array in record.items():
             values = to_numpy(array)
