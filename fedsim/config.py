@@ -315,6 +315,24 @@ def _check_fraction(key: str, value: float, *, allow_zero: bool = True) -> None:
     check_value(math.isfinite(value) and low_ok and value <= 1.0, key, value, f"a number in {bound}")
 
 
+_DATASET_SHAPES: dict[str, tuple[int, ...]] = {
+    "digits": (1, 8, 8),
+    "breast_cancer": (30,),
+    "wine": (13,),
+    "iris": (4,),
+    "mnist": (1, 28, 28),
+    "fashion_mnist": (1, 28, 28),
+    "cifar10": (3, 32, 32),
+    "cifar100": (3, 32, 32),
+}
+
+
+def _dataset_shape(data: DataSection) -> tuple[int, ...] | None:
+    if data.dataset == "synthetic":
+        return (data.synthetic.num_features,)
+    return _DATASET_SHAPES.get(data.dataset)
+
+
 def validate(config: RunConfig) -> None:
     """Check ranges, allowed values and combinations of ``config``; raise :class:`ConfigError`."""
     run, data, model = config.run, config.data, config.model
@@ -349,6 +367,13 @@ def validate(config: RunConfig) -> None:
     check_value(synthetic.noise >= 0, "data.synthetic.noise", synthetic.noise, "a number >= 0")
 
     check_choice("model.name", model.name, sorted(MODELS))
+    required = MODELS[model.name].required_shape
+    shape = _dataset_shape(data)
+    if required is not None and shape is not None and shape != required:
+        raise ConfigError(
+            f"invalid value for 'model.name': {model.name!r} needs inputs of shape {required}, "
+            f"but data set {data.dataset!r} gives {shape}; pick a data set of that shape or another model"
+        )
     check_value(all(h >= 1 for h in model.hidden), "model.hidden", list(model.hidden), "a list of positive widths")
 
     _check_fraction("strategy.fraction_train", strategy.fraction_train)

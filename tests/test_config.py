@@ -432,9 +432,8 @@ def test_module_validate_missing_file(tmp_path: Path) -> None:
 
 # digits are 8x8 grayscale images, shape (1, 8, 8); LeNet-5 needs (1, 28, 28).
 LENET_ON_DIGITS = (
-    "model.name='lenet5' does not fit data.dataset='digits': model 'lenet5' needs inputs of shape "
-    "(1, 28, 28) (channels, height, width), but the data set gives (1, 8, 8); "
-    "pick a data set of that shape or another model"
+    "invalid value for 'model.name': 'lenet5' needs inputs of shape (1, 28, 28), "
+    "but data set 'digits' gives (1, 8, 8); pick a data set of that shape or another model"
 )
 
 
