@@ -183,7 +183,15 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from fedsim.config import PARTITIONERS, section_fields
+    from fedsim.config import (
+        PARTITIONERS,
+        BackendSection,
+        ClientSection,
+        DataSection,
+        ModelSection,
+        RunSection,
+        section_fields,
+    )
     from fedsim.datasets import DATASET_SUMMARIES
     from fedsim.methods import methods
     from fedsim.models import MODELS
@@ -201,6 +209,10 @@ def _list(args: argparse.Namespace) -> int:
             for name, method in sorted(methods().items())
         },
     }
+    catalogue["sections"] = {
+        name: {key: default for key, default in section_fields(section)}
+        for name, section in (("run", RunSection), ("data", DataSection), ("model", ModelSection), ("client", ClientSection), ("backend", BackendSection))
+    }
     assert set(catalogue["partitioners"]) == set(PARTITIONERS)
     if args.json:
         print(json.dumps(catalogue, indent=2, default=str))
@@ -209,6 +221,9 @@ def _list(args: argparse.Namespace) -> int:
         print(f"{heading}:")
         for name, text in catalogue[heading].items():
             print(f"  {name:<15} {text}")
+    print("config sections (keys with their defaults):")
+    for name, keys in catalogue["sections"].items():
+        print(f"  {name}: " + ", ".join(f"{key}={default!r}" for key, default in keys.items()))
     print("strategies (keys under 'strategy:' with their defaults):")
     for name, entry in catalogue["strategies"].items():
         print(f"  {name:<15} {entry['summary']}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +219,12 @@ def _translate(error: OmegaConfBaseException, schema: DictConfig) -> ConfigError
     if isinstance(error, ConfigKeyError):
         parent, _, key = full_key.rpartition(".")
         valid = _node_keys(schema, parent)
+        object_type = getattr(error, "object_type", None)
+        if not parent and is_dataclass(object_type) and object_type is not RunConfig:
+            # Inside a list (the faults entries) OmegaConf reports the bare key.
+            parent = "faults[]" if object_type is FaultSection else object_type.__name__
+            valid = [f.name for f in fields(object_type)]
+            full_key = f"{parent}.{key}"
         where = f"under {parent!r}" if parent else "at the top level"
         return ConfigError(
             f"unknown config key {full_key!r}{_suggest(key, valid)}. "
@@ -434,4 +440,5 @@ def to_dict(config: Any) -> dict[str, Any]:
 def section_fields(section: type) -> list[tuple[str, object]]:
     """Return ``(name, default)`` for every field of a dataclass section, in order."""
     instance = section()
-    return [(f.name, getattr(instance, f.name)) for f in fields(section)]
+    values = [(f.name, getattr(instance, f.name)) for f in fields(section)]
+    return [(name, asdict(value) if is_dataclass(value) else value) for name, value in values]

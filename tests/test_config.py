@@ -494,3 +494,15 @@ def test_simulate_model_mismatch_no_progress(tmp_path: Path, capsys: pytest.Capt
     assert code == 2
     assert out == ""
     assert err == f"fedsim: error: {LENET_ON_DIGITS}\n"
+
+
+def test_misspelt_key_in_fault_entry_named() -> None:
+    from fedsim.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["faults=[{kind: raise, round: [2], partitions: [3]}]"])
+
+    assert str(caught.value) == (
+        "unknown config key 'faults[].round' (did you mean 'rounds'?). "
+        "Valid keys under 'faults[]': kind, rounds, partitions, phase, seconds"
+    )

@@ -148,6 +148,13 @@ def _replace_dead_actors() -> None:
     BasicActorPool.add_actor_back_to_pool = add_actor_back_to_pool  # type: ignore[method-assign]
 
 
+class _DropDeprecationBanner(logging.Filter):
+    """Drop Flower's deprecation banner for ``run_simulation``, which fedsim calls on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "run_simulation" not in record.getMessage()
+
+
 def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, settings: RaySettings) -> None:
     """Run ``server_app`` against ``num_nodes`` Ray-simulated nodes running ``client_app``.
 
@@ -159,6 +166,8 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, settin
     from flwr.simulation import run_simulation
 
     _replace_dead_actors()
+    banner_filter = _DropDeprecationBanner()
+    logging.getLogger("flwr").addFilter(banner_filter)
     started = _start_ray(settings)
     try:
         totals = check_resources(settings)
@@ -177,5 +186,6 @@ def run_ray(server_app: ServerApp, client_app: ClientApp, num_nodes: int, settin
                 backend_config=backend_config,
             )
     finally:
+        logging.getLogger("flwr").removeFilter(banner_filter)
         if started:
             ray.shutdown()
